@@ -1,0 +1,49 @@
+# kvm-harness. `make check`: the KVM suite; `make test`: the harness's own tests and the suite.
+# Each target does its own set-up: a venv with the package installed (cffi module compiled) and
+# the guest payloads built. Nothing is installed by hand.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+JOBS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: all setup venv guests check test unit bench lint clean
+
+all: setup
+
+$(VENV)/.installed: pyproject.toml setup.py harness/_cdefs.py harness/_build_kvm.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+guests:
+	$(MAKE) -C guests
+
+setup: venv guests
+
+# The KVM suite against the real /dev/kvm.
+check: setup
+	$(PYTEST) cases/ -n $(JOBS) $(PYTEST_ARGS)
+
+# The harness's own tests (pure logic), then the suite.
+unit: setup
+	$(PYTEST) tests/ -n $(JOBS) $(PYTEST_ARGS)
+
+test: unit check
+
+bench: setup
+	$(MAKE) -C bench
+	$(PY) -m bench
+
+lint: venv
+	$(PY) -m ruff check .
+
+clean:
+	$(MAKE) -C guests clean
+	-$(MAKE) -C bench clean
+	rm -rf $(VENV) harness/_kvm_cffi*.so build *.egg-info

@@ -1,0 +1,152 @@
+"""Every guest mode runs a payload, reports through ucall, and fails readably when it goes wrong."""
+
+import random
+import time
+
+import pytest
+
+from harness.exits import Mmio
+from harness.failures import GuestAssertionError, GuestExceptionError, VcpuTimeout
+from harness.pytest_plugin import modes
+from harness.ucall import DONE, SYNC
+from harness.x86.modes import Mode
+
+MASK64 = (1 << 64) - 1
+
+
+def checksum(data: bytes) -> int:
+    s = 0
+    for b in data:
+        s = (s * 31 + b) & MASK64
+    return s
+
+
+@modes("real", "prot32", "pae32", "long64", "long64-la57")
+def test_checksum_in_every_mode(kvm, mode):
+    from harness.x86.guestvm import GuestVm, ModeUnsupported
+
+    rng = random.Random(0x5EED)
+    data = bytes(rng.randrange(256) for _ in range(3000))
+    payload = "real_checksum" if mode is Mode.REAL else "checksum"
+    try:
+        vm = GuestVm(kvm, payload, mode)
+    except ModeUnsupported as e:
+        pytest.skip(str(e))
+    with vm:
+        if mode is Mode.REAL:
+            vm.write(0x7000, len(data).to_bytes(2, "little"))
+            vm.write(0x7010, data)
+        else:
+            buf = vm.alloc(len(data))
+            vm.write(buf, data)
+            desc = vm.alloc(16)
+            vm.write_u64(desc, buf)
+            vm.write_u64(desc + 8, len(data))
+            for v in vm.vcpus:
+                r = v.get_regs()
+                r.rsi = desc
+                v.set_regs(r)
+        uc = vm.vcpu.run_until_ucall()
+        assert uc.cmd == SYNC, uc
+        assert uc.args[0] == checksum(data), f"guest {uc.args[0]:#x} != host {checksum(data):#x}"
+        assert vm.vcpu.run_until_ucall().cmd == DONE
+
+
+@pytest.mark.guest("assert_fail")
+def test_failed_guest_assert_shows_file_line_and_values(vcpu):
+    with pytest.raises(GuestAssertionError) as ei:
+        vcpu.run_until_ucall()
+    msg = str(ei.value)
+    assert "assert_fail.c:" in msg
+    assert ei.value.ucall.line > 0
+    assert ei.value.ucall.args[:2] == (42, 43)
+    assert "42 (0x2a)" in msg and "43 (0x2b)" in msg
+
+
+@modes("prot32", "long64")
+@pytest.mark.guest("exceptions", arg=0)
+def test_guest_ud2_reports_vector_and_rip(vm, vcpu):
+    with pytest.raises(GuestExceptionError) as ei:
+        vcpu.run_until_ucall()
+    e = ei.value
+    assert e.vector == 6
+    assert "#UD" in str(e)
+    # the faulting rip is inside the payload, symbolized
+    lo, hi = vm.guest.extent
+    assert lo <= e.rip < hi
+    assert " in exceptions." in str(e)
+    code = vm.read(e.rip, 2)
+    assert code == b"\x0f\x0b", f"rip {e.rip:#x} does not point at ud2 ({code.hex()})"
+
+
+@pytest.mark.guest("exceptions", arg=1, mode="long64")
+def test_guest_page_fault_reports_cr2(vcpu):
+    with pytest.raises(GuestExceptionError) as ei:
+        vcpu.run_until_ucall()
+    e = ei.value
+    assert e.vector == 14
+    assert e.cr2 == 0x7FFF00000000
+    assert e.error_code & 1 == 0  # not-present
+    assert "#PF" in str(e) and "cr2=0x7fff00000000" in str(e)
+
+
+@modes("prot32", "long64")
+@pytest.mark.guest("exceptions", arg=2)
+def test_guest_handler_can_resume(vcpu):
+    uc = vcpu.run_until_ucall()
+    assert uc.cmd == SYNC and uc.args[0] == 0x600D
+
+
+@pytest.mark.guest("exceptions", arg=3, mode="long64")
+def test_guest_divide_error(vcpu):
+    with pytest.raises(GuestExceptionError) as ei:
+        vcpu.run_until_ucall()
+    assert ei.value.vector == 0
+
+
+@pytest.mark.guest("spin", mode="long64")
+def test_spinning_guest_is_stopped_by_watchdog(vcpu):
+    t0 = time.monotonic()
+    with pytest.raises(VcpuTimeout) as ei:
+        vcpu.run_until_ucall(timeout=1.0)
+    elapsed = time.monotonic() - t0
+    assert 0.9 <= elapsed < 3.0, elapsed
+    msg = str(ei.value)
+    assert "no ucall within 1 s" in msg
+    assert "rip=" in msg and "spin" in msg  # registers after the kick, rip symbolized into the payload
+
+
+@pytest.mark.guest("printf", mode="long64")
+def test_guest_printf(vcpu):
+    uc = vcpu.run_until_ucall(stop_on_printf=True)
+    assert uc.text == "hello 42 kvm 0xdeadbeefcafe"
+
+
+@pytest.mark.parametrize("gpa", [0x1_0000_0000, 0xF_FFFF_FFF0, 0x100_0000_0000, 0xFFFF_FFFF_F000],
+                         ids=lambda g: f"gpa={g:#x}")
+@pytest.mark.guest("mmio", mode="long64")
+def test_long64_mmio_read_above_4g(vm, vcpu, gpa):
+    """A read of an unbacked GPA above 4 GiB exits as MMIO with the exact 64-bit address."""
+    page = gpa & ~0xFFF
+    gva = 0x40000000 + (gpa & 0xFFF)
+    vm.map(0x40000000, page, 0x1000)
+    desc = vm.alloc(32)
+    vm.write(desc, (gva).to_bytes(8, "little") + (8).to_bytes(8, "little") + bytes(16))
+    r = vcpu.get_regs()
+    r.rsi = desc
+    vcpu.set_regs(r)
+    value = 0x1122334455667788 ^ gpa
+    seen = []
+
+    def on_mmio(v, ex):
+        if isinstance(ex, Mmio):
+            seen.append((ex.phys_addr, ex.len, ex.is_write))
+            v.complete_mmio(value)
+            return True
+        return False
+
+    uc = vcpu.run_until_ucall(on_exit=on_mmio)
+    assert seen == [(gpa, 8, False)], [(hex(a), n, w) for a, n, w in seen]
+    assert uc.cmd == SYNC and uc.args[0] == value
+    vm.write(desc, bytes(32))  # width 0 ends the payload
+    assert vcpu.run_until_ucall().cmd == DONE

@@ -1,0 +1,444 @@
+"""C declarations of the KVM uapi and the few libc calls the binding needs.
+
+Layouts are the kernel's uapi (include/uapi/linux/kvm.h, arch/x86/include/uapi/asm/kvm.h) written
+out as facts: the host's linux-libc-dev is older than the kernel we drive, so we cannot include its
+<linux/kvm.h>. tests/test_binding.py pins every size and the offsets that matter.
+
+The same text is fed to cffi's cdef() and compiled into the extension (see _build_kvm.py), so the
+compiler computes the layout the Python side uses.
+"""
+
+UAPI = r"""
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+
+struct kvm_segment {
+    uint64_t base;
+    uint32_t limit;
+    uint16_t selector;
+    uint8_t type, present, dpl, db, s, l, g, avl;
+    uint8_t unusable;
+    uint8_t padding;
+};
+
+struct kvm_dtable {
+    uint64_t base;
+    uint16_t limit;
+    uint16_t padding[3];
+};
+
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8;
+    uint64_t efer;
+    uint64_t apic_base;
+    uint64_t interrupt_bitmap[4];
+};
+
+struct kvm_fpu {
+    uint8_t fpr[8][16];
+    uint16_t fcw;
+    uint16_t fsw;
+    uint8_t ftwx;
+    uint8_t pad1;
+    uint16_t last_opcode;
+    uint64_t last_ip;
+    uint64_t last_dp;
+    uint8_t xmm[16][16];
+    uint32_t mxcsr;
+    uint32_t pad2;
+};
+
+struct kvm_cpuid_entry2 {
+    uint32_t function;
+    uint32_t index;
+    uint32_t flags;
+    uint32_t eax, ebx, ecx, edx;
+    uint32_t padding[3];
+};
+
+struct kvm_cpuid2 {
+    uint32_t nent;
+    uint32_t padding;
+    struct kvm_cpuid_entry2 entries[];
+};
+
+struct kvm_msr_entry {
+    uint32_t index;
+    uint32_t reserved;
+    uint64_t data;
+};
+
+struct kvm_msrs {
+    uint32_t nmsrs;
+    uint32_t pad;
+    struct kvm_msr_entry entries[];
+};
+
+struct kvm_msr_list {
+    uint32_t nmsrs;
+    uint32_t indices[];
+};
+
+struct kvm_enable_cap {
+    uint32_t cap;
+    uint32_t flags;
+    uint64_t args[4];
+    uint8_t pad[64];
+};
+
+struct kvm_userspace_memory_region {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+};
+
+struct kvm_userspace_memory_region2 {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+    uint64_t guest_memfd_offset;
+    uint32_t guest_memfd;
+    uint32_t pad1;
+    uint64_t pad2[14];
+};
+
+struct kvm_create_guest_memfd {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t reserved[6];
+};
+
+struct kvm_memory_attributes {
+    uint64_t address;
+    uint64_t size;
+    uint64_t attributes;
+    uint64_t flags;
+};
+
+struct kvm_pre_fault_memory {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t flags;
+    uint64_t padding[5];
+};
+
+struct kvm_dirty_log {
+    uint32_t slot;
+    uint32_t padding1;
+    union {
+        void *dirty_bitmap;
+        uint64_t padding2;
+    };
+};
+
+struct kvm_clear_dirty_log {
+    uint32_t slot;
+    uint32_t num_pages;
+    uint64_t first_page;
+    union {
+        void *dirty_bitmap;
+        uint64_t padding2;
+    };
+};
+
+struct kvm_dirty_gfn {
+    uint32_t flags;
+    uint32_t slot;
+    uint64_t offset;
+};
+
+struct kvm_ioeventfd {
+    uint64_t datamatch;
+    uint64_t addr;
+    uint32_t len;
+    int32_t fd;
+    uint32_t flags;
+    uint8_t pad[36];
+};
+
+struct kvm_irqfd {
+    uint32_t fd;
+    uint32_t gsi;
+    uint32_t flags;
+    uint32_t resamplefd;
+    uint8_t pad[16];
+};
+
+struct kvm_coalesced_mmio_zone {
+    uint64_t addr;
+    uint32_t size;
+    uint32_t pad;
+};
+
+struct kvm_coalesced_mmio {
+    uint64_t phys_addr;
+    uint32_t len;
+    uint32_t pad;
+    uint8_t data[8];
+};
+
+struct kvm_coalesced_mmio_ring {
+    uint32_t first, last;
+    struct kvm_coalesced_mmio coalesced_mmio[];
+};
+
+struct kvm_translation {
+    uint64_t linear_address;
+    uint64_t physical_address;
+    uint8_t valid;
+    uint8_t writeable;
+    uint8_t usermode;
+    uint8_t pad[5];
+};
+
+struct kvm_clock_data {
+    uint64_t clock;
+    uint32_t flags;
+    uint32_t pad0;
+    uint64_t realtime;
+    uint64_t host_tsc;
+    uint32_t pad[4];
+};
+
+struct kvm_mp_state {
+    uint32_t mp_state;
+};
+
+struct kvm_vcpu_events {
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t has_error_code;
+        uint8_t pending;
+        uint32_t error_code;
+    } exception;
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t soft;
+        uint8_t shadow;
+    } interrupt;
+    struct {
+        uint8_t injected;
+        uint8_t pending;
+        uint8_t masked;
+        uint8_t pad;
+    } nmi;
+    uint32_t sipi_vector;
+    uint32_t flags;
+    struct {
+        uint8_t smm;
+        uint8_t pending;
+        uint8_t smm_inside_nmi;
+        uint8_t latched_init;
+    } smi;
+    uint8_t reserved[27];
+    uint8_t exception_has_payload;
+    uint64_t exception_payload;
+};
+
+struct kvm_xen_hvm_config {
+    uint32_t flags;
+    uint32_t msr;
+    uint64_t blob_addr_32;
+    uint64_t blob_addr_64;
+    uint8_t blob_size_32;
+    uint8_t blob_size_64;
+    uint8_t pad2[30];
+};
+
+struct kvm_stats_header {
+    uint32_t flags;
+    uint32_t name_size;
+    uint32_t num_desc;
+    uint32_t id_offset;
+    uint32_t desc_offset;
+    uint32_t data_offset;
+};
+
+struct kvm_stats_desc {
+    uint32_t flags;
+    int16_t exponent;
+    uint16_t size;
+    uint32_t offset;
+    uint32_t bucket_size;
+    char name[];
+};
+
+struct kvm_debug_exit_arch {
+    uint32_t exception;
+    uint32_t pad;
+    uint64_t pc;
+    uint64_t dr6;
+    uint64_t dr7;
+};
+
+struct kvm_run {
+    uint8_t request_interrupt_window;
+    uint8_t immediate_exit;
+    uint8_t padding1[6];
+
+    uint32_t exit_reason;
+    uint8_t ready_for_interrupt_injection;
+    uint8_t if_flag;
+    uint16_t flags;
+
+    uint64_t cr8;
+    uint64_t apic_base;
+
+    union {
+        struct {
+            uint64_t hardware_exit_reason;
+        } hw;
+        struct {
+            uint64_t hardware_entry_failure_reason;
+            uint32_t cpu;
+        } fail_entry;
+        struct {
+            uint32_t exception;
+            uint32_t error_code;
+        } ex;
+        struct {
+            uint8_t direction;
+            uint8_t size;
+            uint16_t port;
+            uint32_t count;
+            uint64_t data_offset;
+        } io;
+        struct {
+            struct kvm_debug_exit_arch arch;
+        } debug;
+        struct {
+            uint64_t phys_addr;
+            uint8_t data[8];
+            uint32_t len;
+            uint8_t is_write;
+        } mmio;
+        struct {
+            uint64_t nr;
+            uint64_t args[6];
+            uint64_t ret;
+            uint64_t flags;
+        } hypercall;
+        struct {
+            uint32_t suberror;
+            uint32_t ndata;
+            uint64_t data[16];
+        } internal;
+        struct {
+            uint32_t suberror;
+            uint32_t ndata;
+            uint64_t flags;
+            uint8_t insn_size;
+            uint8_t insn_bytes[15];
+        } emulation_failure;
+        struct {
+            uint32_t type;
+            uint32_t ndata;
+            uint64_t data[16];
+        } system_event;
+        struct {
+            uint8_t error;
+            uint8_t pad[7];
+            uint32_t reason;
+            uint32_t index;
+            uint64_t data;
+        } msr;
+        struct {
+            uint32_t flags;
+        } notify;
+        struct {
+            uint64_t flags;
+            uint64_t gpa;
+            uint64_t size;
+        } memory_fault;
+        char padding[256];
+    };
+
+    uint64_t kvm_valid_regs;
+    uint64_t kvm_dirty_regs;
+    union {
+        char padding[2048];
+    } s;
+};
+"""
+
+# Helpers compiled into the extension. They return -errno instead of setting errno so that the
+# Python side needs no second call to learn why an ioctl failed.
+HELPERS_DECL = r"""
+long kh_ioctl_ptr(int fd, unsigned long req, void *arg);
+long kh_ioctl_int(int fd, unsigned long req, unsigned long arg);
+int kh_run(int fd);
+int kh_install_kick_handler(void);
+int kh_kick_signal(void);
+
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+int munmap(void *addr, size_t length);
+int mprotect(void *addr, size_t len, int prot);
+int madvise(void *addr, size_t length, int advice);
+int fallocate(int fd, int mode, long offset, long len);
+int mincore(void *addr, size_t length, unsigned char *vec);
+int msync(void *addr, size_t length, int flags);
+"""
+
+HELPERS_SRC = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <pthread.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+
+/* KVM_RUN = _IO(KVMIO, 0x80); pinned by tests/test_binding.py. */
+#define KH_KVM_RUN 0xAE80UL
+
+long kh_ioctl_ptr(int fd, unsigned long req, void *arg)
+{
+    long rc = ioctl(fd, req, arg);
+    return rc < 0 ? -errno : rc;
+}
+
+long kh_ioctl_int(int fd, unsigned long req, unsigned long arg)
+{
+    long rc = ioctl(fd, req, arg);
+    return rc < 0 ? -errno : rc;
+}
+
+int kh_run(int fd)
+{
+    return ioctl(fd, KH_KVM_RUN, 0) < 0 ? -errno : 0;
+}
+
+static void kh_kick_noop(int sig) { (void)sig; }
+
+int kh_kick_signal(void)
+{
+    /* A realtime signal nobody else in a Python process uses; glibc keeps SIGRTMIN-3.. for itself. */
+    return SIGRTMIN + 7;
+}
+
+int kh_install_kick_handler(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = kh_kick_noop;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0; /* no SA_RESTART: KVM_RUN must come back with EINTR */
+    if (sigaction(kh_kick_signal(), &sa, NULL) < 0)
+        return -errno;
+    return 0;
+}
+"""

@@ -1,0 +1,87 @@
+"""Failures of a guest or a vCPU, each with a message that explains itself.
+
+They subclass AssertionError so pytest reports them as test failures (F), not harness errors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.exits import Exit
+    from harness.ucall import Ucall
+    from harness.vcpu import Vcpu
+
+
+class GuestFailure(AssertionError):
+    """Base class: the guest (or the kernel running it) did not do what the case expected."""
+
+
+class GuestAssertionError(GuestFailure):
+    def __init__(self, uc: Ucall, vcpu: Vcpu) -> None:
+        self.ucall = uc
+        self.vcpu_id = vcpu.id
+        where = f"{uc.file}:{uc.line}"
+        msg = f"guest assertion failed at {where}: {uc.text}"
+        if uc.nargs >= 2:
+            a, b = uc.args[0], uc.args[1]
+            msg += f"\n  left:  {a} ({a:#x})\n  right: {b} ({b:#x})"
+        msg += f"\n  (vcpu {vcpu.id})"
+        super().__init__(msg)
+
+
+VECTORS = {
+    0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
+    10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
+    19: "#XM", 20: "#VE", 21: "#CP", 29: "#VC", 30: "#SX",
+}
+
+
+def describe_pf_error(code: int) -> str:
+    bits = [("P", 0), ("W", 1), ("U", 2), ("RSVD", 3), ("I", 4), ("PK", 5), ("SS", 6), ("SGX", 15)]
+    return "|".join(n for n, b in bits if code & (1 << b)) or "not-present read"
+
+
+class GuestExceptionError(GuestFailure):
+    def __init__(self, uc: Ucall, vcpu: Vcpu) -> None:
+        self.ucall = uc
+        vector, error_code, rip, cr2, rsp = (list(uc.args) + [0] * 5)[:5]
+        self.vector, self.error_code, self.rip, self.cr2, self.rsp = vector, error_code, rip, cr2, rsp
+        name = VECTORS.get(vector, "?")
+        msg = f"unexpected guest exception {name} (vector {vector}) at rip={rip:#x}"
+        guest = getattr(vcpu.vm, "guest", None)
+        if guest is not None:
+            msg += f" [{guest.symbolize(rip)}]"
+        msg += f"\n  error_code={error_code:#x}"
+        if vector == 14:
+            msg += f" ({describe_pf_error(error_code)}) cr2={cr2:#x}"
+        msg += f" rsp={rsp:#x} (vcpu {vcpu.id})"
+        super().__init__(msg)
+
+
+class UnexpectedExitError(GuestFailure):
+    def __init__(self, vcpu: Vcpu, ex: Exit, note: str = "") -> None:
+        self.exit = ex
+        msg = f"unexpected exit {ex.describe()} on vcpu {vcpu.id}"
+        if note:
+            msg += f": {note}"
+        msg += "\n" + _indent(vcpu.dump_state())
+        super().__init__(msg)
+
+
+class VcpuTimeout(GuestFailure):
+    """The watchdog stopped a vCPU that did not finish within its bound."""
+
+    def __init__(self, vcpu: Vcpu, report: str) -> None:
+        self.report = report
+        msg = f"vcpu {vcpu.id} stopped by the watchdog: {report}\n" + _indent(vcpu.dump_state())
+        super().__init__(msg)
+
+
+class Livelock(GuestFailure):
+    def __init__(self, vcpu: Vcpu, rip: int, count: int, detail: str) -> None:
+        super().__init__(f"vcpu {vcpu.id} livelocked: {count} exits at rip={rip:#x} without progress; {detail}")
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())

@@ -1,0 +1,304 @@
+"""A vCPU: its fd, the shared kvm_run page, registers, and the bounded run loop."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from harness import exits
+from harness._kvm_cffi import ffi, lib
+from harness.cpuid import Cpuid
+from harness.errors import KvmError
+from harness.exits import Exit, Io
+from harness.failures import UnexpectedExitError, VcpuTimeout
+from harness.stats import Stats
+from harness.sys import kvm_ioctl
+from harness.watchdog import WATCHDOG
+
+if TYPE_CHECKING:
+    from harness.ucall import Ucall
+    from harness.vm import Vm
+
+_get_ident = threading.get_ident
+_kh_run = lib.kh_run
+_decode = exits.decode
+_EINTR = -errno.EINTR
+
+DEFAULT_UCALL_TIMEOUT = 10.0
+
+ExitHandler = Callable[["Vcpu", Exit], bool | None]
+
+
+class Vcpu:
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.fd = kvm_ioctl(vm.fd, "KVM_CREATE_VCPU", vcpu_id, lambda: f"id={vcpu_id}")
+        self.closed = False
+        size = vm.kvm.vcpu_mmap_size
+        try:
+            self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except Exception:
+            os.close(self.fd)
+            raise
+        self._run_buf = ffi.from_buffer(self._mm)
+        self.kvm_run: Any = ffi.cast("struct kvm_run *", self._run_buf)
+        self._run = self.kvm_run
+        self._buf = ffi.buffer(self._run_buf)
+        # watchdog state, read by harness.watchdog from its own thread
+        self._tid = 0
+        self._expired: str | None = None
+        self._deadline: float | None = None
+        self._deadline_reason = ""
+        self.exit_count = 0
+        self.console: list[str] = []  # GUEST_PRINTF output
+        self._stats: Stats | None = None
+        WATCHDOG.register(self)
+
+    # ---- running -------------------------------------------------------------------------------
+    def run(self) -> Exit:
+        """One KVM_RUN; returns the decoded exit (Intr after a signal). Bounded by the watchdog."""
+        if self._expired is not None:
+            raise VcpuTimeout(self, self._expired)
+        self._tid = _get_ident()
+        rc = _kh_run(self.fd)
+        self._tid = 0
+        self.exit_count += 1
+        if rc:
+            if rc == _EINTR:
+                if self._expired is not None:
+                    raise VcpuTimeout(self, self._expired)
+                return exits._INTR
+            raise KvmError(-rc, "KVM_RUN", f"vcpu={self.id}")
+        return _decode(self._run, self._buf)
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN now (or refuse to enter it) with EINTR."""
+        self._run.immediate_exit = 1
+        WATCHDOG._signal(self)
+
+    def reset_watchdog(self) -> None:
+        """Clear an expiry so the vCPU can run again (after a deliberate timeout)."""
+        self._expired = None
+        self._run.immediate_exit = 0
+
+    def complete_io(self, data: bytes | int) -> None:
+        """Supply the data a port-IN exit returns to the guest."""
+        io = self._run.io
+        n = io.size * io.count
+        if isinstance(data, int):
+            data = data.to_bytes(n, "little")
+        off = io.data_offset
+        self._buf[off : off + n] = data[:n].ljust(n, b"\0")
+
+    def complete_mmio(self, data: bytes | int) -> None:
+        """Supply the data an MMIO read exit returns to the guest."""
+        m = self._run.mmio
+        n = m.len
+        if isinstance(data, int):
+            data = (data & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+        ffi.memmove(m.data, data[:n].ljust(n, b"\0"), n)
+
+    def deadline(self, seconds: float, reason: str) -> _Deadline:
+        """`with vcpu.deadline(5, "why"):` bounds every run() inside the block."""
+        return _Deadline(self, seconds, reason)
+
+    def run_until_ucall(
+        self, timeout: float | None = None, *, on_exit: ExitHandler | None = None,
+        stop_on_printf: bool = False,
+    ) -> Ucall:
+        """Run until the guest makes a ucall and return it (SYNC, DONE, or PRINTF if asked).
+
+        A failed GUEST_ASSERT or an unhandled guest exception raises with the guest's own report.
+        Other exits go to on_exit (return True when handled); unhandled ones raise
+        UnexpectedExitError. Bounded by `timeout` (default DEFAULT_UCALL_TIMEOUT).
+        """
+        from harness import ucall as _ucall
+
+        t = DEFAULT_UCALL_TIMEOUT if timeout is None else timeout
+        with self.deadline(t, f"vcpu {self.id}: no ucall within {t:g} s"):
+            while True:
+                ex = self.run()
+                if type(ex) is Io and ex.port == _ucall.UCALL_PORT:
+                    uc = _ucall.read_ucall(self, ex)
+                    if uc.cmd == _ucall.PRINTF:
+                        self.console.append(uc.text)
+                        if not stop_on_printf:
+                            continue
+                    uc.check(self)
+                    return uc
+                if ex is exits._INTR:
+                    continue
+                if on_exit is not None and on_exit(self, ex):
+                    continue
+                raise UnexpectedExitError(self, ex)
+
+    def run_until_done(self, timeout: float | None = None, **kw: Any) -> list[Ucall]:
+        """Run to GUEST_DONE, returning the SYNC ucalls met on the way."""
+        from harness import ucall as _ucall
+
+        syncs = []
+        t = DEFAULT_UCALL_TIMEOUT if timeout is None else timeout
+        end = time.monotonic() + t
+        while True:
+            uc = self.run_until_ucall(max(0.001, end - time.monotonic()), **kw)
+            if uc.cmd == _ucall.DONE:
+                return syncs
+            syncs.append(uc)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def get_regs(self) -> Any:
+        r = ffi.new("struct kvm_regs *")
+        kvm_ioctl(self.fd, "KVM_GET_REGS", r, self._desc)
+        return r
+
+    def set_regs(self, r: Any) -> None:
+        kvm_ioctl(self.fd, "KVM_SET_REGS", r, self._desc)
+
+    def get_sregs(self) -> Any:
+        s = ffi.new("struct kvm_sregs *")
+        kvm_ioctl(self.fd, "KVM_GET_SREGS", s, self._desc)
+        return s
+
+    def set_sregs(self, s: Any) -> None:
+        kvm_ioctl(self.fd, "KVM_SET_SREGS", s, self._desc)
+
+    def get_fpu(self) -> Any:
+        f = ffi.new("struct kvm_fpu *")
+        kvm_ioctl(self.fd, "KVM_GET_FPU", f, self._desc)
+        return f
+
+    def get_events(self) -> Any:
+        e = ffi.new("struct kvm_vcpu_events *")
+        kvm_ioctl(self.fd, "KVM_GET_VCPU_EVENTS", e, self._desc)
+        return e
+
+    def set_cpuid(self, cpuid: Cpuid) -> None:
+        c, _keep = cpuid.to_cdata()
+        kvm_ioctl(self.fd, "KVM_SET_CPUID2", c, lambda: f"vcpu={self.id}, nent={len(cpuid.entries)}")
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        idx = list(indices)
+        raw = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + len(idx) * ffi.sizeof("struct kvm_msr_entry"))
+        m = ffi.cast("struct kvm_msrs *", raw)
+        m.nmsrs = len(idx)
+        for i, x in enumerate(idx):
+            m.entries[i].index = x
+        n = kvm_ioctl(self.fd, "KVM_GET_MSRS", m, lambda: f"vcpu={self.id}, msrs={[hex(i) for i in idx]}")
+        return {m.entries[i].index: m.entries[i].data for i in range(n)}
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        items = list(values.items())
+        raw = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + len(items) * ffi.sizeof("struct kvm_msr_entry"))
+        m = ffi.cast("struct kvm_msrs *", raw)
+        m.nmsrs = len(items)
+        for i, (k, v) in enumerate(items):
+            m.entries[i].index = k
+            m.entries[i].data = v
+        n = kvm_ioctl(self.fd, "KVM_SET_MSRS", m,
+                      lambda: f"vcpu={self.id}, msrs={ {hex(k): hex(v) for k, v in items} }")
+        if n != len(items):
+            bad = items[n][0]
+            raise KvmError(errno.EINVAL, "KVM_SET_MSRS", f"vcpu={self.id}, msr {bad:#x} refused ({n} of {len(items)} set)")
+        return n
+
+    def get_mp_state(self) -> int:
+        s = ffi.new("struct kvm_mp_state *")
+        kvm_ioctl(self.fd, "KVM_GET_MP_STATE", s, self._desc)
+        return s.mp_state
+
+    def translate(self, gva: int) -> tuple[int, bool] | None:
+        """KVM_TRANSLATE: (gpa, writeable) or None if the GVA does not map."""
+        t = ffi.new("struct kvm_translation *")
+        t.linear_address = gva
+        kvm_ioctl(self.fd, "KVM_TRANSLATE", t, lambda: f"vcpu={self.id}, gva={gva:#x}")
+        return (t.physical_address, bool(t.writeable)) if t.valid else None
+
+    def kvmclock_ctrl(self) -> None:
+        kvm_ioctl(self.fd, "KVM_KVMCLOCK_CTRL", 0, self._desc)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        c = ffi.new("struct kvm_enable_cap *")
+        c.cap = cap
+        c.flags = flags
+        for i, a in enumerate(args):
+            c.args[i] = a
+        kvm_ioctl(self.fd, "KVM_ENABLE_CAP", c, lambda: f"vcpu={self.id}, cap={int(cap)}, args={list(args)}")
+
+    def stats(self) -> Stats:
+        if self._stats is None:
+            self._stats = Stats(kvm_ioctl(self.fd, "KVM_GET_STATS_FD", 0, self._desc))
+        return self._stats
+
+    def _desc(self) -> str:
+        return f"vcpu={self.id}"
+
+    def dump_state(self) -> str:
+        """Registers and segment state, for failure reports."""
+        try:
+            r = self.get_regs()
+            s = self.get_sregs()
+        except KvmError as e:
+            return f"(registers unavailable: {e})"
+        names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+                 "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
+        lines = [f"rip={r.rip:#018x} rflags={r.rflags:#x}"]
+        for i in range(0, 16, 4):
+            lines.append(" ".join(f"{n}={getattr(r, n):#x}" for n in names[i : i + 4]))
+        lines.append(
+            f"cr0={s.cr0:#x} cr2={s.cr2:#x} cr3={s.cr3:#x} cr4={s.cr4:#x} efer={s.efer:#x} "
+            f"cs={s.cs.selector:#x}(l={s.cs.l},db={s.cs.db}) ss={s.ss.selector:#x}"
+        )
+        guest = getattr(self.vm, "guest", None)
+        if guest is not None:
+            lines.append(f"rip is {guest.symbolize(r.rip)}")
+        return "\n".join(lines)
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._stats is not None:
+            self._stats.close()
+        self._buf = None
+        self._run = self.kvm_run = None
+        self._run_buf = None
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a cdata view still references it; the fd close below still drops the vCPU
+        os.close(self.fd)
+
+    def __enter__(self) -> Vcpu:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Vcpu {self.id} of vm fd {self.vm.fd}>"
+
+
+class _Deadline:
+    def __init__(self, vcpu: Vcpu, seconds: float, reason: str) -> None:
+        self.vcpu = vcpu
+        self.seconds = seconds
+        self.reason = reason
+
+    def __enter__(self) -> _Deadline:
+        self._prev = (self.vcpu._deadline, self.vcpu._deadline_reason)
+        end = time.monotonic() + self.seconds
+        if self._prev[0] is None or end < self._prev[0]:
+            self.vcpu._deadline = end
+            self.vcpu._deadline_reason = self.reason
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.vcpu._deadline, self.vcpu._deadline_reason = self._prev
+

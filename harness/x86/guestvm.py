@@ -1,0 +1,127 @@
+"""A VM ready to run a payload from guests/: boot slot, loaded ELF, GDT/TSS, page tables, vCPUs.
+
+This is the "easy things easy" entry point: `GuestVm(kvm, "checksum", Mode.LONG64)` gives a VM
+whose vCPU 0 starts at the payload's `_start` in the chosen mode (layout: guests/ABI.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.guest import GuestImage, load_image
+from harness.kvm import Kvm
+from harness.vcpu import Vcpu
+from harness.vm import Memslot, Vm
+from harness.x86.modes import GDT_GPA, Mode, gdt_bytes, setup_sregs, unsupported_reason
+from harness.x86.paging import PageTables
+
+BOOT_SLOT = 0
+BOOT_SLOT_SIZE = 16 << 20
+PT_POOL = (0x10000, 0x100000)
+STACK_TOP = 0x200000
+STACK_SIZE = 0x8000
+MAX_VCPUS = (STACK_TOP - 0x100000) // STACK_SIZE
+SCRATCH = (0x800000, 0x1000000)
+REAL_MODE_PAYLOAD_PREFIX = "real_"
+
+
+class ModeUnsupported(HarnessError):
+    """This host cannot run the requested guest mode; the message is the reason (cases skip on it)."""
+
+
+class GuestVm(Vm):
+    def __init__(self, kvm: Kvm, payload: str, mode: Mode | str = Mode.LONG64, *, nr_vcpus: int = 1,
+                 arg: int = 0, vm_type: int = 0, identity_map: int = 1 << 30,
+                 boot_backing: Any = None) -> None:
+        self.mode = Mode(mode)
+        reason = unsupported_reason(self.mode, kvm.supported_cpuid)
+        if reason:
+            raise ModeUnsupported(reason)
+        if nr_vcpus > MAX_VCPUS:
+            raise HarnessError(f"at most {MAX_VCPUS} vCPUs fit the boot slot's stack area")
+        # Load the image first: a missing build must not leave a half-made VM behind.
+        bits = 16 if self.mode is Mode.REAL else self.mode.bits
+        self.guest: GuestImage = load_image(payload, bits)
+        super().__init__(kvm, vm_type)
+        try:
+            self.boot: Memslot = self.add_memslot(0, BOOT_SLOT_SIZE, slot=BOOT_SLOT, backing=boot_backing)
+            self._load(self.guest)
+            self.write(GDT_GPA, gdt_bytes())
+            self._pt_next = PT_POOL[0]
+            self._scratch_next = SCRATCH[0]
+            self.pt: PageTables | None = None
+            paging = self.mode.paging
+            if paging is not None:
+                self.pt = PageTables(self, self._alloc_pt_page, paging, maxphyaddr=kvm.maxphyaddr)
+                big = 1 << 21
+                self.pt.map(0, 0, _round_up(identity_map, big), big)
+            self.arg = arg
+            for _ in range(nr_vcpus):
+                self.add_vcpu(arg)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def _load(self, img: GuestImage) -> None:
+        for seg in img.segments:
+            if not self.boot.contains(seg.paddr, seg.memsz):
+                raise HarnessError(f"{img.name}: segment at {seg.paddr:#x}+{seg.memsz:#x} is outside the boot slot")
+            self.write(seg.paddr, seg.data + bytes(seg.memsz - len(seg.data)))
+
+    def _alloc_pt_page(self) -> int:
+        gpa = self._pt_next
+        if gpa >= PT_POOL[1]:
+            raise HarnessError("page-table pool of the boot slot is exhausted")
+        self._pt_next += 0x1000
+        self.write(gpa, bytes(0x1000))
+        return gpa
+
+    def add_vcpu(self, arg: int | None = None) -> Vcpu:
+        """A vCPU that starts at the payload's entry with rdi = its index and rsi = arg."""
+        v = self.create_vcpu()
+        v.set_cpuid(self.kvm.supported_cpuid)  # MAXPHYADDR follows the host only with SET_CPUID2
+        s = v.get_sregs()
+        setup_sregs(s, self.mode, self.pt.root if self.pt else 0)
+        v.set_sregs(s)
+        r = v.get_regs()
+        r.rip = self.guest.entry
+        r.rflags = 0x2
+        r.rsp = STACK_TOP - v.id * STACK_SIZE
+        r.rdi = v.id
+        r.rsi = self.arg if arg is None else arg
+        v.set_regs(r)
+        return v
+
+    # ---- what cases use ------------------------------------------------------------------------
+    @property
+    def vcpu(self) -> Vcpu:
+        return self.vcpus[0]
+
+    def map(self, gva: int, gpa: int, size: int, page_size: int = 4096, **perm: Any) -> None:
+        """Map [gva, gva+size) to gpa in the guest's page tables (see PageTables.map)."""
+        if self.pt is None:
+            raise HarnessError(f"mode {self.mode.value} has no paging to map {gva:#x} with")
+        self.pt.map(gva, gpa, size, page_size, **perm)
+
+    def alloc(self, size: int, align: int = 8) -> int:
+        """Memory from the boot slot's scratch area (identity-mapped, so GVA == GPA)."""
+        gpa = _round_up(self._scratch_next, align)
+        if gpa + size > SCRATCH[1]:
+            raise HarnessError(f"scratch area exhausted ({size:#x} bytes asked)")
+        self._scratch_next = gpa + size
+        return gpa
+
+    def sym(self, name: str) -> int:
+        return self.guest.sym(name)
+
+    def read_sym(self, name: str, size: int | None = None) -> bytes:
+        return self.read(self.sym(name), size or self.guest.sizes.get(name) or 8)
+
+    def write_sym(self, name: str, data: bytes) -> None:
+        self.write(self.sym(name), data)
+
+
+def _round_up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
