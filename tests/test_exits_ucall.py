@@ -1,0 +1,98 @@
+"""Exit decoding and ucall parsing on synthetic kvm_run pages and guest structs."""
+
+import struct
+
+from harness._kvm_cffi import ffi
+
+from harness import exits
+from harness.failures import GuestAssertionError, GuestExceptionError, describe_pf_error
+from harness.ucall import ASSERT, EXCEPTION, SYNC, UCALL_SIZE, parse_ucall
+
+
+def _run():
+    raw = ffi.new("char[]", 4096)
+    return ffi.cast("struct kvm_run *", raw), ffi.buffer(raw), raw
+
+
+def test_decode_io_out_reads_data_at_offset():
+    run, buf, _keep = _run()
+    run.exit_reason = 2
+    run.io.direction, run.io.size, run.io.port, run.io.count, run.io.data_offset = 1, 4, 0x1000, 1, 0x800
+    buf[0x800:0x804] = (0x6000).to_bytes(4, "little")
+    ex = exits.decode(run, buf)
+    assert isinstance(ex, exits.Io)
+    assert (ex.port, ex.size, ex.is_write, ex.value) == (0x1000, 4, True, 0x6000)
+
+
+def test_decode_mmio_keeps_full_64bit_address():
+    run, buf, _keep = _run()
+    run.exit_reason = 6
+    run.mmio.phys_addr = 0xFFFF_FFFF_F008
+    run.mmio.len = 8
+    run.mmio.is_write = 1
+    ffi.memmove(run.mmio.data, (0x1122334455667788).to_bytes(8, "little"), 8)
+    ex = exits.decode(run, buf)
+    assert isinstance(ex, exits.Mmio)
+    assert ex.phys_addr == 0xFFFF_FFFF_F008
+    assert (ex.len, ex.is_write, ex.value) == (8, True, 0x1122334455667788)
+    # a snapshot: later changes to the page do not change the object
+    run.mmio.phys_addr = 0
+    assert ex.phys_addr == 0xFFFF_FFFF_F008
+    assert "phys_addr=0xfffffffff008" in ex.describe()
+
+
+def test_decode_memory_fault_internal_error_and_unknown():
+    run, buf, _keep = _run()
+    run.exit_reason = 39
+    run.memory_fault.flags, run.memory_fault.gpa, run.memory_fault.size = 8, 0x1_0000_0000, 0x1000
+    ex = exits.decode(run, buf)
+    assert isinstance(ex, exits.MemoryFault) and ex.private and ex.gpa == 0x1_0000_0000
+    run.exit_reason = 17
+    run.internal.suberror, run.internal.ndata = 1, 2
+    run.internal.data[0], run.internal.data[1] = 0xAA, 0xBB
+    ex = exits.decode(run, buf)
+    assert isinstance(ex, exits.InternalError) and ex.data == (0xAA, 0xBB)
+    assert "EMULATION" in ex.describe()
+    run.exit_reason = 999
+    ex = exits.decode(run, buf)
+    assert isinstance(ex, exits.Other) and ex.raw_reason == 999
+
+
+def _ucall(cmd, args, line=0, file=b"", text=b""):
+    a = list(args) + [0] * (6 - len(args))
+    return struct.pack("<9Q128s1024s", cmd, len(args), *a, line, file, text)
+
+
+def test_ucall_layout_size():
+    assert UCALL_SIZE == 1224
+
+
+def test_parse_sync():
+    uc = parse_ucall(_ucall(SYNC, [1, 2, 3]), 0x6000)
+    assert uc.cmd == SYNC and uc.args == (1, 2, 3) and uc.gpa == 0x6000
+
+
+class _FakeVm:
+    guest = None
+
+
+class _FakeVcpu:
+    id = 3
+    vm = _FakeVm()
+
+
+def test_assert_message_has_file_line_and_both_values():
+    uc = parse_ucall(_ucall(ASSERT, [42, 43], 17, b"payload.c", b"x == 43"))
+    msg = str(GuestAssertionError(uc, _FakeVcpu()))
+    assert "payload.c:17: x == 43" in msg
+    assert "left:  42 (0x2a)" in msg and "right: 43 (0x2b)" in msg
+    assert "vcpu 3" in msg
+
+
+def test_exception_message_decodes_page_fault():
+    uc = parse_ucall(_ucall(EXCEPTION, [14, 0b1011, 0x200123, 0xDEAD000, 0x1FFF00]))
+    e = GuestExceptionError(uc, _FakeVcpu())
+    msg = str(e)
+    assert "#PF (vector 14)" in msg and "rip=0x200123" in msg and "cr2=0xdead000" in msg
+    assert "P|W|RSVD" in msg
+    assert describe_pf_error(0) == "not-present read"
