@@ -1,0 +1,135 @@
+"""Known kernel issues: cases that catch a real bug stay strict, and CI on the affected kernels still
+passes because they are expected to fail there (strict xfail: an unexpected pass shows as XPASS,
+which tells the user the kernel got fixed).
+
+The expectations live in known-issues.toml at the top of the repo:
+
+    [[issue]]
+    id = "short-name"
+    cases = ["cases/test_file.py::test_name[*]"]   # node-id patterns: * and ? wildcards
+    backend = "kvm_pvm"                            # optional: harness.backend.name()
+    kernel = ">=6.18, <6.19"                       # optional: release range
+    config = ["CONFIG_KVM_PROVE_MMU=y"]            # optional: all must be in /proc/config.gz or /boot/config-*
+    reason = "what the case catches"
+    evidence = "the failure line / dmesg that shows it"
+    fix = "upstream commit or thread, where known"
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import platform
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import backend
+
+DEFAULT_FILE = Path(__file__).resolve().parent.parent / "known-issues.toml"
+
+
+@dataclass(frozen=True)
+class KnownIssue:
+    id: str
+    cases: tuple[str, ...]
+    reason: str
+    evidence: str = ""
+    fix: str = ""
+    backend: str | None = None
+    kernel: str | None = None
+    config: tuple[str, ...] = field(default_factory=tuple)
+
+    def applies(self, release: str | None = None, backend_name: str | None = None,
+                config: frozenset[str] | None = None) -> bool:
+        if self.backend and self.backend != (backend_name or backend.name()):
+            return False
+        if self.kernel and not release_in_range(release or platform.release(), self.kernel):
+            return False
+        if self.config:
+            have = kernel_config() if config is None else config
+            if not all(c in have for c in self.config):
+                return False
+        return True
+
+    def matches(self, nodeid: str) -> bool:
+        return any(_glob(p).fullmatch(nodeid) for p in self.cases)
+
+    def xfail_reason(self) -> str:
+        s = f"known kernel issue {self.id}: {self.reason}"
+        if self.fix:
+            s += f" (fix: {self.fix})"
+        return s
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """`*` and `?` wildcards only: node ids carry literal [brackets] that fnmatch would misread."""
+    return re.compile(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", "."))
+
+
+def _version(s: str) -> tuple[int, ...]:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", s.strip())
+    if not m:
+        raise ValueError(f"not a kernel release: {s!r}")
+    return tuple(int(x or 0) for x in m.groups())
+
+
+def release_in_range(release: str, spec: str) -> bool:
+    """`spec` is comma-separated comparisons, e.g. '>=6.18, <6.19' or '==6.18.44'."""
+    have = _version(release)
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.match(r"(>=|<=|==|!=|>|<)\s*(.+)", part)
+        if not m:
+            raise ValueError(f"bad kernel range {spec!r}")
+        op, ver = m.groups()
+        want = _version(ver)
+        ok = {">=": have >= want, "<=": have <= want, "==": have == want, "!=": have != want,
+              ">": have > want, "<": have < want}[op]
+        if not ok:
+            return False
+    return True
+
+
+_config_cache: frozenset[str] | None = None
+
+
+def kernel_config() -> frozenset[str]:
+    global _config_cache
+    if _config_cache is None:
+        text = ""
+        try:
+            with gzip.open("/proc/config.gz", "rt") as f:
+                text = f.read()
+        except OSError:
+            p = f"/boot/config-{platform.release()}"
+            if os.path.exists(p):
+                text = Path(p).read_text()
+        _config_cache = frozenset(
+            line.strip() for line in text.splitlines() if line.startswith("CONFIG_")
+        )
+    return _config_cache
+
+
+def load(path: Path | str = DEFAULT_FILE) -> list[KnownIssue]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    data = tomllib.loads(p.read_text())
+    out = []
+    for i, d in enumerate(data.get("issue", [])):
+        missing = {"id", "cases", "reason"} - set(d)
+        if missing:
+            raise ValueError(f"{p}: issue #{i} lacks {sorted(missing)}")
+        cfg = d.get("config", ())
+        out.append(KnownIssue(
+            id=d["id"], cases=tuple(d["cases"]), reason=d["reason"], evidence=d.get("evidence", ""),
+            fix=d.get("fix", ""), backend=d.get("backend"), kernel=d.get("kernel"),
+            config=tuple([cfg] if isinstance(cfg, str) else cfg),
+        ))
+    return out
+
+
+def in_force(issues: list[KnownIssue] | None = None) -> list[KnownIssue]:
+    return [i for i in (load() if issues is None else issues) if i.applies()]

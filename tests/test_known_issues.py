@@ -1,0 +1,33 @@
+from harness.known_issues import KnownIssue, load, release_in_range
+
+
+def test_release_ranges():
+    assert release_in_range("6.18.44-fc-v669", ">=6.18, <6.19")
+    assert not release_in_range("6.19.0", ">=6.18, <6.19")
+    assert release_in_range("6.1.0-27-amd64", "<6.2")
+    assert release_in_range("6.18.44", "==6.18.44")
+
+
+def test_applies_and_matches():
+    ki = KnownIssue("x", ("cases/test_a.py::test_b[*]",), "r", backend="kvm_pvm", kernel=">=6.18",
+                    config=("CONFIG_KVM=y",))
+    assert ki.matches("cases/test_a.py::test_b[long64-anon]")
+    assert not ki.matches("cases/test_a.py::test_c")
+    cfg = frozenset({"CONFIG_KVM=y"})
+    assert ki.applies("6.18.1", "kvm_pvm", cfg)
+    assert not ki.applies("6.18.1", "kvm_intel", cfg)
+    assert not ki.applies("6.17.9", "kvm_pvm", cfg)
+    assert not ki.applies("6.18.1", "kvm_pvm", frozenset())
+    assert "known kernel issue x" in ki.xfail_reason()
+
+
+def test_load_file(tmp_path):
+    p = tmp_path / "k.toml"
+    p.write_text('[[issue]]\nid = "a"\ncases = ["cases/*"]\nreason = "because"\nkernel = ">=6.0"\n')
+    (ki,) = load(p)
+    assert ki.id == "a" and ki.cases == ("cases/*",) and ki.kernel == ">=6.0"
+
+
+def test_repo_file_parses():
+    for ki in load():
+        assert ki.cases and ki.reason
