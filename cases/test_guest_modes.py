@@ -65,7 +65,7 @@ def test_failed_guest_assert_shows_file_line_and_values(vcpu):
 
 @modes("prot32", "long64")
 @pytest.mark.guest("exceptions", arg=0)
-def test_guest_ud2_reports_vector_and_rip(vm, vcpu):
+def test_guest_ud2_reports_vector_and_rip(vm, vcpu, mode):
     with pytest.raises(GuestExceptionError) as ei:
         vcpu.run_until_ucall()
     e = ei.value
@@ -92,7 +92,7 @@ def test_guest_page_fault_reports_cr2(vcpu):
 
 @modes("prot32", "long64")
 @pytest.mark.guest("exceptions", arg=2)
-def test_guest_handler_can_resume(vcpu):
+def test_guest_handler_can_resume(vcpu, mode):
     uc = vcpu.run_until_ucall()
     assert uc.cmd == SYNC and uc.args[0] == 0x600D
 

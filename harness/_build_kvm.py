@@ -11,7 +11,7 @@ from cffi import FFI
 
 # Loaded by cffi from setup.py, before the package is importable: reach _cdefs by path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _cdefs import HELPERS_DECL, HELPERS_SRC, UAPI  # noqa: E402
+from _cdefs import HELPERS_DECL, HELPERS_SRC, UAPI
 
 ffibuilder = FFI()
 ffibuilder.cdef(UAPI + HELPERS_DECL)

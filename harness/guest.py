@@ -105,7 +105,9 @@ def guest_path(payload: str, bits: int | str) -> Path:
                     f"guest payload {path.name} is stale: {dep} changed after it was built; run `make guests`"
                 )
         except FileNotFoundError:
-            raise GuestBuildError(f"{path.name} was built from {dep}, which no longer exists; run `make guests`") from None
+            raise GuestBuildError(
+                f"{path.name} was built from {dep}, which no longer exists; run `make guests`"
+            ) from None
     return path
 
 

@@ -91,7 +91,7 @@ def resident_pages(addr: int, length: int) -> int:
     n = (length + PAGE_SIZE - 1) // PAGE_SIZE
     vec = ffi.new("unsigned char[]", n)
     _check(lib.mincore(ffi.cast("void *", addr), length, vec), f"mincore({addr:#x}, {length:#x})")
-    return sum(b & 1 for b in ffi.buffer(vec))
+    return sum(b & 1 for b in bytes(ffi.buffer(vec)))
 
 
 def view(addr: int, length: int) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from harness import known_issues
 from harness.caps import Cap
 from harness.kvm import Kvm
 from harness.vcpu import Vcpu
@@ -43,6 +44,19 @@ def pytest_configure(config: pytest.Config) -> None:
         "kvm_timeout(seconds): this test's bound on KVM_RUN instead of --kvm-timeout",
     ):
         config.addinivalue_line("markers", line)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Known kernel issues in force on this kernel become strict xfails of the cases they name."""
+    issues = known_issues.in_force()
+    if not issues:
+        return
+    for item in items:
+        for ki in issues:
+            if ki.matches(item.nodeid):
+                item.add_marker(pytest.mark.xfail(reason=ki.xfail_reason(), strict=True))
+                item.user_properties.append(("known_issue", ki.id))
+                break
 
 
 def _kvm_unavailable(path: str) -> str | None:

@@ -204,7 +204,8 @@ class Vcpu:
                       lambda: f"vcpu={self.id}, msrs={ {hex(k): hex(v) for k, v in items} }")
         if n != len(items):
             bad = items[n][0]
-            raise KvmError(errno.EINVAL, "KVM_SET_MSRS", f"vcpu={self.id}, msr {bad:#x} refused ({n} of {len(items)} set)")
+            detail = f"vcpu={self.id}, msr {bad:#x} refused ({n} of {len(items)} set)"
+            raise KvmError(errno.EINVAL, "KVM_SET_MSRS", detail)
         return n
 
     def get_mp_state(self) -> int:

@@ -17,9 +17,15 @@ from harness.vcpu import Vcpu
 if TYPE_CHECKING:
     from harness.kvm import Kvm
 
+_U64 = (1 << 64) - 1
+
 
 class Backing(Protocol):
-    """What a memslot's memory must offer the VM (harness.memory implements it per kind)."""
+    """What a memslot's memory must offer the VM (harness.memory implements it per kind).
+
+    A backing may also carry `guest_memfd` (>= 0: bind it with KVM_MEM_GUEST_MEMFD) and
+    `guest_memfd_offset`; add_memslot reads them with getattr.
+    """
 
     addr: int
     length: int
@@ -36,7 +42,9 @@ class Memslot:
     flags: int = 0
     guest_memfd: int = -1
     guest_memfd_offset: int = 0
-    backing: Any = field(default=None, repr=False)
+    backing: Any = field(default=None, repr=False, compare=False)
+    backing_offset: int = 0  # where in `backing` the slot starts
+    v2: bool = False  # made with KVM_SET_USER_MEMORY_REGION2 (changes go through it too)
 
     @property
     def end(self) -> int:
@@ -46,9 +54,13 @@ class Memslot:
         return self.gpa <= gpa and gpa + size <= self.end
 
     def describe(self) -> str:
-        s = f"slot={self.slot}, gpa={self.gpa:#x}, size={self.size:#x}, hva={self.hva:#x}, flags={self.flags:#x}"
+        s = (f"slot={self.slot}, gpa={self.gpa:#x}, size={self.size:#x}, hva={self.hva:#x}, "
+             f"flags={self.flags:#x}")
         if self.flags & KVM_MEM_GUEST_MEMFD:
             s += f", guest_memfd={self.guest_memfd}, offset={self.guest_memfd_offset:#x}"
+        kind = getattr(self.backing, "kind", None)
+        if kind:
+            s += f", backing={kind}+{self.backing_offset:#x}"
         return s
 
 
@@ -86,35 +98,48 @@ class Vm:
 
     # ---- memslots ------------------------------------------------------------------------------
     def set_user_memory_region(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0,
-                               backing: Any = None) -> None:
-        """KVM_SET_USER_MEMORY_REGION (v1); on success the slot table follows the kernel."""
+                               backing: Any = None, backing_offset: int | None = None) -> None:
+        """KVM_SET_USER_MEMORY_REGION (v1); on success the slot table follows the kernel.
+
+        The raw ioctl: any value goes to the kernel (cases pass bad ones on purpose); KvmError
+        carries the errno and leaves the table as it was."""
         r = ffi.new("struct kvm_userspace_memory_region *")
-        r.slot, r.flags, r.guest_phys_addr, r.memory_size, r.userspace_addr = slot, flags, gpa, size, hva
+        r.slot, r.flags, r.guest_phys_addr, r.memory_size, r.userspace_addr = (
+            slot & 0xFFFFFFFF, flags & 0xFFFFFFFF, gpa & _U64, size & _U64, hva & _U64)
         kvm_ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", r,
                   lambda: f"slot={slot}, gpa={gpa:#x}, size={size:#x}, hva={hva:#x}, flags={flags:#x}")
-        self._track(Memslot(slot, gpa, size, hva, flags, backing=backing))
+        self._track(Memslot(slot, gpa, size, hva, flags, backing=backing), backing_offset)
 
     def set_user_memory_region2(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0,
                                 guest_memfd: int = 0, guest_memfd_offset: int = 0,
-                                backing: Any = None) -> None:
+                                backing: Any = None, backing_offset: int | None = None) -> None:
         """KVM_SET_USER_MEMORY_REGION2; on success the slot table follows the kernel."""
         r = ffi.new("struct kvm_userspace_memory_region2 *")
-        r.slot, r.flags, r.guest_phys_addr, r.memory_size, r.userspace_addr = slot, flags, gpa, size, hva
+        r.slot, r.flags, r.guest_phys_addr, r.memory_size, r.userspace_addr = (
+            slot & 0xFFFFFFFF, flags & 0xFFFFFFFF, gpa & _U64, size & _U64, hva & _U64)
         r.guest_memfd = guest_memfd & 0xFFFFFFFF
-        r.guest_memfd_offset = guest_memfd_offset
+        r.guest_memfd_offset = guest_memfd_offset & _U64
         kvm_ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION2", r,
                   lambda: f"slot={slot}, gpa={gpa:#x}, size={size:#x}, hva={hva:#x}, flags={flags:#x}, "
                   f"guest_memfd={guest_memfd}, offset={guest_memfd_offset:#x}")
         gm = guest_memfd if flags & KVM_MEM_GUEST_MEMFD else -1
-        self._track(Memslot(slot, gpa, size, hva, flags, gm, guest_memfd_offset, backing))
+        self._track(Memslot(slot, gpa, size, hva, flags, gm, guest_memfd_offset, backing, v2=True),
+                    backing_offset)
 
-    def _track(self, m: Memslot) -> None:
+    def _track(self, m: Memslot, backing_offset: int | None = None) -> None:
         old = self.memslots.get(m.slot)
         if m.size == 0:
             self.memslots.pop(m.slot, None)
             return
         if old is not None and m.backing is None:
+            # a move or flags change of the same memory: it keeps its backing
             m.backing = old.backing
+            m.backing_offset = old.backing_offset
+        if backing_offset is not None:
+            m.backing_offset = backing_offset
+        elif m.backing is not None and (old is None or m.backing is not old.backing):
+            base = getattr(m.backing, "addr", 0)
+            m.backing_offset = m.hva - base if base and m.hva >= base else 0
         self.memslots[m.slot] = m
 
     def free_slot_id(self) -> int:
@@ -124,8 +149,11 @@ class Vm:
         return i
 
     def add_memslot(self, gpa: int, size: int, *, slot: int | None = None, flags: int = 0,
-                    backing: Any = None) -> Memslot:
-        """Add a slot at gpa backed by `backing` (anonymous private memory when None).
+                    backing: Any = None, offset: int = 0, v2: bool | None = None) -> Memslot:
+        """Add a slot at gpa backed by [offset, offset+size) of `backing` (anonymous private memory
+        when None). Any harness.memory backing works: a guest_memfd one is bound with
+        KVM_MEM_GUEST_MEMFD through KVM_SET_USER_MEMORY_REGION2 with its host mapping (if any) as
+        userspace_addr. v2=True sends other slots through the v2 ioctl too.
 
         The VM owns an anonymous mapping it made; a caller's backing stays the caller's.
         """
@@ -133,21 +161,82 @@ class Vm:
         if backing is None:
             backing = Mapping(size)
             self._owned.append(backing)
-        self.set_user_memory_region(sid, gpa, size, backing.addr, flags, backing=backing)
+        length = getattr(backing, "length", None)
+        if length is not None and (offset < 0 or offset + size > length):
+            raise HarnessError(f"slot of {size:#x} bytes at backing offset {offset:#x} does not fit the "
+                               f"backing's {length:#x} bytes")
+        hva = backing.addr + offset if backing.addr else 0
+        gmem = getattr(backing, "guest_memfd", -1)
+        if gmem is not None and gmem >= 0:
+            gm_off = getattr(backing, "guest_memfd_offset", 0) + offset
+            self.set_user_memory_region2(sid, gpa, size, hva, flags | KVM_MEM_GUEST_MEMFD, gmem, gm_off,
+                                         backing=backing, backing_offset=offset)
+        elif v2:
+            self.set_user_memory_region2(sid, gpa, size, hva, flags, backing=backing, backing_offset=offset)
+        else:
+            self.set_user_memory_region(sid, gpa, size, hva, flags, backing=backing, backing_offset=offset)
         return self.memslots[sid]
 
-    def delete_memslot(self, slot: int) -> None:
+    def _update(self, m: Memslot, gpa: int, size: int, flags: int) -> None:
+        """Re-issue slot m with a new gpa/size/flags through the ioctl that made it."""
+        if m.v2 or m.flags & KVM_MEM_GUEST_MEMFD:
+            gm = m.guest_memfd if m.guest_memfd >= 0 else 0
+            self.set_user_memory_region2(m.slot, gpa, size, m.hva, flags, gm, m.guest_memfd_offset)
+        else:
+            self.set_user_memory_region(m.slot, gpa, size, m.hva, flags)
+
+    def _slot(self, slot: int) -> Memslot:
         m = self.memslots.get(slot)
         if m is None:
-            raise HarnessError(f"no memslot {slot} in this VM")
-        if m.flags & KVM_MEM_GUEST_MEMFD:
-            self.set_user_memory_region2(slot, m.gpa, 0, m.hva, m.flags, m.guest_memfd, m.guest_memfd_offset)
-        else:
-            self.set_user_memory_region(slot, m.gpa, 0, m.hva, m.flags)
+            raise HarnessError(f"no memslot {slot} in this VM (slots: {sorted(self.memslots)})")
+        return m
+
+    def delete_memslot(self, slot: int) -> None:
+        m = self._slot(slot)
+        self._update(m, m.gpa, 0, m.flags)
 
     def move_memslot(self, slot: int, new_gpa: int) -> None:
-        m = self.memslots[slot]
-        self.set_user_memory_region(slot, new_gpa, m.size, m.hva, m.flags)
+        """KVM_MR_MOVE: same memory, new GPA (KVM refuses it for guest_memfd slots: EINVAL)."""
+        m = self._slot(slot)
+        self._update(m, new_gpa, m.size, m.flags)
+
+    def set_memslot_flags(self, slot: int, flags: int) -> None:
+        """KVM_MR_FLAGS_ONLY: e.g. toggle KVM_MEM_LOG_DIRTY_PAGES (KVM refuses READONLY changes)."""
+        m = self._slot(slot)
+        self._update(m, m.gpa, m.size, flags)
+
+    def resize_memslot(self, slot: int, new_size: int) -> Memslot:
+        """KVM cannot resize a slot in place (EINVAL): delete it and add it again with the new size,
+        same id, GPA, backing, offset and flags, as a VMM does. Not atomic: between the two ioctls
+        the range has no memory. If the re-add fails the slot stays deleted and the error is raised."""
+        m = self._slot(slot)
+        backing = m.backing
+        if backing is None:
+            raise HarnessError(f"memslot {slot} has no backing the harness knows: cannot re-add it")
+        flags = m.flags & ~KVM_MEM_GUEST_MEMFD
+        self.delete_memslot(slot)
+        return self.add_memslot(m.gpa, new_size, slot=slot, flags=flags, backing=backing,
+                                offset=m.backing_offset, v2=m.v2)
+
+    def memslot_snapshot(self) -> dict[int, Memslot]:
+        """A copy of the slot table (Memslots are replaced, never mutated: == compares tables)."""
+        return dict(self.memslots)
+
+    def map(self, gva: int, gpa: int, size: int, page_size: int = 4096, **perm: Any) -> None:
+        """Map guest pages; only VMs with page tables (GuestVm) can."""
+        raise HarnessError(f"{type(self).__name__} has no guest page tables to map {gva:#x} in")
+
+    def map_slot(self, slot: int, gva: int, page_size: int | None = None, **perm: Any) -> int:
+        """Map the whole of memslot `slot` at gva in the guest's page tables; returns gva.
+
+        page_size defaults to 2 MiB when gva, the slot's GPA and size allow it (so a 1 GiB slot needs
+        one table page), else 4 KiB. perm: writable, user, nx as PageTables.map takes them."""
+        m = self._slot(slot)
+        if page_size is None:
+            big = 1 << 21
+            page_size = big if not (gva | m.gpa | m.size) % big else 4096
+        self.map(gva, m.gpa, m.size, page_size, **perm)
+        return gva
 
     def slot_for(self, gpa: int, size: int = 1) -> Memslot:
         for m in self.memslots.values():

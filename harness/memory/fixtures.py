@@ -1,0 +1,165 @@
+"""pytest fixtures for guest memory: hugepage pool reservations, private mounts, backings, memtouch.
+
+Registered as a plugin (conftest.py `pytest_plugins`). A case says what memory it wants:
+
+    @pytest.mark.parametrize("kind", memory.names())
+    def test_x(kvm, backings, memtouch, kind):
+        b = backings(kind, 2 << 20, vm=memtouch.vm)    # hugepages reserved, or a skip with the reason
+        slot = memtouch.vm.add_memslot(1 << 40, 2 << 20, backing=b)
+
+`--memory-backings=anon,shmem` keeps only the cases whose `kind` parameter is listed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from harness import memory
+from harness.memory.backings import Backing, BackingUnavailable
+from harness.memory.hugepages import HugepagePool, HugepagesUnavailable, prune_stale
+from harness.memory.memtouch import MemTouch
+from harness.memory.mounts import Mounts, cleanup_stale, close_default, default_mounts
+
+if TYPE_CHECKING:
+    from harness.kvm import Kvm
+    from harness.vm import Vm
+
+DEFAULT_WAIT = 30.0  # seconds a case queues for hugepages another worker holds
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("kvm-harness")
+    g.addoption("--memory-backings", default=None,
+                help="comma-separated backing kinds to run (default: all); cases parametrized by `kind`")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Undo what a killed earlier run left: its mounts, loop devices and hugepage reservations."""
+    if os.geteuid() != 0:
+        return
+    try:
+        prune_stale()
+    except OSError as e:
+        warnings.warn(f"hugepage ledger: {e}", stacklevel=1)
+    stale = cleanup_stale()
+    if stale:
+        warnings.warn(f"cleaned up what dead harness runs left mounted/attached: {stale}", stacklevel=1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    only = config.getoption("--memory-backings")
+    if not only:
+        return
+    keep = {k.strip() for k in only.split(",") if k.strip()}
+    unknown = keep - set(memory.KINDS)
+    if unknown:
+        raise pytest.UsageError(f"--memory-backings: unknown kinds {sorted(unknown)} "
+                                f"(known: {', '.join(memory.KINDS)})")
+    selected, deselected = [], []
+    for item in items:
+        kind = getattr(item, "callspec", None) and item.callspec.params.get("kind")
+        (deselected if kind and kind not in keep else selected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
+class Hugepages:
+    """The `hugepages` fixture: reserve(page_size, count) or skip the case with the reason."""
+
+    def __init__(self, pool: HugepagePool, wait: float = DEFAULT_WAIT) -> None:
+        self.pool = pool
+        self.wait = wait
+
+    def reserve(self, page_size: int, count: int) -> None:
+        """Grow the pool by count pages; waits (bounded) while another worker holds pages of this
+        size, then skips the case with the kernel's answer."""
+        try:
+            self.pool.reserve(page_size, count, wait=self.wait)
+        except HugepagesUnavailable as e:
+            pytest.skip(str(e))
+
+    def reserve_for(self, kind: str, size: int) -> None:
+        """Reserve what a backing of this kind and size takes from a pool (nothing for most kinds)."""
+        need = memory.kind(kind).hugepages(size)
+        if need:
+            self.reserve(*need)
+
+
+class Backings:
+    """The `backings` fixture: backings(kind, size, vm=None) -> a Backing closed after the case."""
+
+    def __init__(self, hugepages: Hugepages, mounts: Mounts) -> None:
+        self.hugepages = hugepages
+        self.mounts = mounts
+        self.made: list[Backing] = []
+
+    def __call__(self, kind: str, size: int, *, vm: Vm | None = None) -> Backing:
+        k = memory.kind(kind)
+        self.hugepages.reserve_for(kind, k.min_size(size))
+        try:
+            b = memory.create(kind, size, vm=vm, mounts=self.mounts)
+        except BackingUnavailable as e:
+            pytest.skip(f"backing {kind}: {e}")
+        self.made.append(b)
+        return b
+
+    def close_all(self) -> None:
+        errors = []
+        for b in reversed(self.made):
+            try:
+                b.close()
+            except Exception as e:
+                errors.append(e)
+        self.made.clear()
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def host_mounts() -> Iterator[Mounts]:
+    """This process's private tmpfs / hugetlbfs / ext4-on-loop mounts; all gone at session end."""
+    m = default_mounts()
+    yield m
+    left = close_default()
+    if left:
+        warnings.warn(f"mounts were still busy at session end (lazily unmounted): {left}", stacklevel=1)
+
+
+@pytest.fixture
+def hugepages() -> Iterator[Hugepages]:
+    """Reserve hugetlb pages for this case; the pools go back to their old size afterwards."""
+    pool = HugepagePool()
+    try:
+        yield Hugepages(pool)
+    finally:
+        pool.release_all()
+
+
+@pytest.fixture
+def backings(hugepages: Hugepages, host_mounts: Mounts) -> Iterator[Backings]:
+    f = Backings(hugepages, host_mounts)
+    try:
+        yield f
+    finally:
+        f.close_all()
+
+
+@pytest.fixture
+def memtouch(kvm: Kvm, backings: Backings) -> Iterator[MemTouch]:
+    """A GuestVm running guests/payloads/memtouch.c (long mode); closed before the backings."""
+    mt = MemTouch.open(kvm)
+    try:
+        yield mt
+    finally:
+        mt.close()
+
+
+def kinds_param(names: list[str] | None = None) -> Any:
+    """`@kinds_param()`: parametrize `kind` over backing kinds (every one by default)."""
+    return pytest.mark.parametrize("kind", names if names is not None else memory.names())

@@ -1,0 +1,204 @@
+"""The hugetlb page pools (2 MiB, 1 GiB): reserve what a case needs, put the old size back after.
+
+Several harness processes (pytest-xdist workers) may grow the same pool at once, so "remember the
+old value, write it back" is not enough: worker A would shrink the pool under worker B. A ledger file
+(flock'd) records the pool size before the first reservation and who holds how many pages; each
+reservation adds to the pool, each release takes its pages back off, and when the last holder
+releases, the recorded old size is written back exactly. Holders whose process is gone (killed run)
+are dropped the next time anyone touches the ledger, and a ledger from an earlier boot is ignored.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.memory.mounts import pid_alive
+from harness.memory.usage import HUGEPAGES_SYSFS, hugepage_dir
+
+PAGE_2M = 2 << 20
+PAGE_1G = 1 << 30
+DEFAULT_LEDGER = Path("/run/kvm-harness/hugepages.json")
+
+
+class HugepagesUnavailable(HarnessError):
+    """The pool cannot give the pages asked for; the message says why (cases skip on it)."""
+
+    others: int = 0  # pages other holders had at the time (a retry may succeed once they release)
+
+
+def size_name(page_size: int) -> str:
+    return f"{page_size >> 30} GiB" if page_size >= PAGE_1G else f"{page_size >> 20} MiB"
+
+
+def pages_for(size: int, page_size: int) -> int:
+    return (size + page_size - 1) // page_size
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class HugepagePool:
+    """Reservations of one owner (a process, a fixture); `release_all()` gives them back."""
+
+    def __init__(self, sysfs: Path = HUGEPAGES_SYSFS, ledger: Path = DEFAULT_LEDGER) -> None:
+        self.sysfs = Path(sysfs)
+        self.ledger = Path(ledger)
+        self.key = f"{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held: dict[int, int] = {}
+        atexit.register(self.release_all)
+
+    # ---- kernel interface (overridable in unit tests) ------------------------------------------
+    def _nr_path(self, page_size: int) -> Path:
+        return hugepage_dir(page_size, self.sysfs) / "nr_hugepages"
+
+    def read_nr(self, page_size: int) -> int:
+        return int(self._nr_path(page_size).read_text())
+
+    def write_nr(self, page_size: int, value: int) -> None:
+        self._nr_path(page_size).write_text(f"{max(0, value)}\n")
+
+    def free(self, page_size: int) -> int:
+        return int((hugepage_dir(page_size, self.sysfs) / "free_hugepages").read_text())
+
+    # ---- reservations --------------------------------------------------------------------------
+    def unavailable_reason(self, page_size: int) -> str | None:
+        path = self._nr_path(page_size)
+        if not path.exists():
+            return f"this kernel has no {size_name(page_size)} hugepage pool ({path} is missing)"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable by uid {os.getuid()} (hugepage pools need root)"
+        return None
+
+    def reserve(self, page_size: int, count: int, wait: float = 0.0) -> None:
+        """Grow the pool by `count` pages for this owner, or raise HugepagesUnavailable (no change).
+
+        With wait > 0, a shortfall while other owners hold pages of this size is retried until they
+        release or `wait` seconds pass (parallel workers queue for 1 GiB pages instead of skipping)."""
+        if count <= 0:
+            return
+        why = self.unavailable_reason(page_size)
+        if why:
+            raise HugepagesUnavailable(why)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._reserve_once(page_size, count)
+                return
+            except HugepagesUnavailable as e:
+                # others held pages during the attempt: they may have released since, try again
+                if not getattr(e, "others", 0) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.05)
+
+    def _reserve_once(self, page_size: int, count: int) -> None:
+        with self._locked() as led:
+            entry = led["pools"].setdefault(str(page_size), {"base": None, "holders": {}})
+            cur = self.read_nr(page_size)
+            if not entry["holders"]:
+                entry["base"] = cur
+            try:
+                self.write_nr(page_size, cur + count)
+                got = self.read_nr(page_size) - cur
+            except OSError as e:
+                self.write_nr(page_size, cur)
+                raise HugepagesUnavailable(f"cannot grow the {size_name(page_size)} pool: {e}") from e
+            if got < count:
+                self.write_nr(page_size, cur)
+                others = sum(n for k, n in entry["holders"].items() if k != self.key)
+                if not entry["holders"]:
+                    del led["pools"][str(page_size)]
+                err = HugepagesUnavailable(
+                    f"asked the kernel for {count} more {size_name(page_size)} hugepages, it found "
+                    f"{max(got, 0)} (nr_hugepages {cur} -> {cur + max(got, 0)}, {others} held by other "
+                    "harness processes): free memory is short or too fragmented")
+                err.others = others
+                raise err
+            entry["holders"][self.key] = entry["holders"].get(self.key, 0) + count
+        self.held[page_size] = self.held.get(page_size, 0) + count
+
+    def release(self, page_size: int) -> None:
+        """Give back every page of this size this owner reserved."""
+        n = self.held.pop(page_size, 0)
+        if not n:
+            return
+        with self._locked() as led:
+            entry = led["pools"].get(str(page_size))
+            if entry is None:  # ledger lost (reboot, deleted): take our pages off anyway
+                self.write_nr(page_size, self.read_nr(page_size) - n)
+                return
+            entry["holders"].pop(self.key, None)
+            self._settle(led, page_size, entry, n)
+
+    def release_all(self) -> None:
+        for ps in list(self.held):
+            self.release(ps)
+
+    def _settle(self, led: dict[str, Any], page_size: int, entry: dict[str, Any], n: int) -> None:
+        if entry["holders"]:
+            self.write_nr(page_size, self.read_nr(page_size) - n)
+        else:
+            # last holder: the exact old size, whatever happened in between
+            self.write_nr(page_size, entry["base"])
+            del led["pools"][str(page_size)]
+
+    # ---- ledger --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.ledger, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.pread(fd, 1 << 20, 0)
+            try:
+                led = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                led = {}
+            boot = _boot_id()
+            if led.get("boot_id") != boot:
+                led = {"boot_id": boot, "pools": {}}
+            self._prune(led)
+            yield led
+            data = json.dumps(led, indent=1).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+
+    def _prune(self, led: dict[str, Any]) -> None:
+        """Drop holders whose process died without releasing (their pages come off the pool)."""
+        for ps_key, entry in list(led["pools"].items()):
+            dead = [k for k in entry["holders"] if not pid_alive(int(k.split(":")[0]))]
+            n = sum(entry["holders"].pop(k) for k in dead)
+            if dead:
+                self._settle(led, int(ps_key), entry, n)
+
+    def holders(self, page_size: int) -> dict[str, int]:
+        """Who holds pages of this pool right now, per the ledger (for diagnostics)."""
+        with self._locked() as led:
+            return dict(led["pools"].get(str(page_size), {}).get("holders", {}))
+
+
+def prune_stale(sysfs: Path = HUGEPAGES_SYSFS, ledger: Path = DEFAULT_LEDGER) -> None:
+    """Give back the pages of harness processes that died holding them (a run killed with SIGKILL)."""
+    if not ledger.exists():
+        return
+    pool = HugepagePool(sysfs, ledger)
+    atexit.unregister(pool.release_all)
+    with pool._locked():
+        pass  # _locked prunes dead holders and restores the old size when none is left
+
