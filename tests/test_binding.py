@@ -2,8 +2,8 @@
 include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h)."""
 
 import pytest
-from harness._kvm_cffi import ffi
 
+from harness._kvm_cffi import ffi
 from harness.ioctls import IOCTLS, ioc_dir, ioc_size
 
 # Sizes the uapi documents or implies.

@@ -2,9 +2,8 @@
 
 import struct
 
-from harness._kvm_cffi import ffi
-
 from harness import exits
+from harness._kvm_cffi import ffi
 from harness.failures import GuestAssertionError, GuestExceptionError, describe_pf_error
 from harness.ucall import ASSERT, EXCEPTION, SYNC, UCALL_SIZE, parse_ucall
 
