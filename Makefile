@@ -47,3 +47,6 @@ clean:
 	$(MAKE) -C guests clean
 	-$(MAKE) -C bench clean
 	rm -rf $(VENV) harness/_kvm_cffi*.so build *.egg-info
+
+# Targets of one area each (ci, kernel-test, ...) live in mk/*.mk.
+-include mk/*.mk

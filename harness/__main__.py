@@ -1,26 +1,35 @@
-"""Command line: `python -m harness info | bisect -- <pytest args>`."""
+"""Command line: `python -m harness <command> ...`; each command is a module in harness/cli/ with
+`register(subparsers)` adding its parser and `run(args) -> int` (its exit code)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
 
-from harness.cli import bisect, info
+import harness.cli
+
+
+def _commands() -> dict[str, object]:
+    mods = {}
+    for info in pkgutil.iter_modules(harness.cli.__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"harness.cli.{info.name}")
+        if hasattr(mod, "register") and hasattr(mod, "run"):
+            mods[info.name] = mod
+    return mods
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="kernel, KVM capabilities, MAXPHYADDR, pools, and what will skip")
-    b = sub.add_parser("bisect", help="run pytest, exit 0 good / 1 bad / 125 cannot test (git bisect run)")
-    b.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    cmds = _commands()
+    for mod in cmds.values():
+        mod.register(sub)
     args = ap.parse_args(argv)
-    if args.cmd == "info":
-        return info.main()
-    if args.cmd == "bisect":
-        rest = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
-        return bisect.main(rest)
-    return 2
+    return cmds[args.cmd].run(args)
 
 
 if __name__ == "__main__":

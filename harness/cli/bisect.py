@@ -58,3 +58,13 @@ def main(pytest_args: list[str]) -> int:
         for r in sorted(set(tally.skip_reasons))[:10]:
             print(f"bisect:   skipped because: {r}")
     return v
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bisect", help="run pytest, exit 0 good / 1 bad / 125 cannot test (git bisect run)")
+    p.add_argument("pytest_args", nargs="...")
+
+
+def run(args) -> int:
+    rest = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    return main(rest)

@@ -71,3 +71,11 @@ def main() -> int:
         if ki.evidence:
             print(f"    evidence: {ki.evidence}")
     return 0
+
+
+def register(sub) -> None:
+    sub.add_parser("info", help="kernel, KVM capabilities, MAXPHYADDR, pools, and what will skip")
+
+
+def run(args) -> int:
+    return main()

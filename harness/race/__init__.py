@@ -1,0 +1,1 @@
+"""Race engine: vCPU toucher threads against host disruptor threads, with data oracles."""
