@@ -86,6 +86,7 @@ KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_DIRTY_GFN_F_DIRTY = 1 << 0
 KVM_DIRTY_GFN_F_RESET = 1 << 1
 KVM_DIRTY_LOG_PAGE_OFFSET = 64  # x86, in pages of the vcpu mmap
-KVM_COALESCED_MMIO_PAGE_OFFSET = 1  # x86, in pages of the vcpu mmap
+KVM_PIO_PAGE_OFFSET = 1  # x86, in pages of the vcpu mmap
+KVM_COALESCED_MMIO_PAGE_OFFSET = 2  # x86: page 0 kvm_run, 1 PIO data, 2 coalesced MMIO ring
 
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3

@@ -106,6 +106,28 @@ class Mmio(Exit):
         return int.from_bytes(self.data[: self.len], "little")
 
 
+class CoalescedMmio:
+    """One entry of the coalesced MMIO ring: a guest write KVM recorded without exiting
+    (Vcpu.coalesced_mmio() drains them). Entries are writes only; `pio` marks a coalesced port."""
+
+    __slots__ = ("data", "len", "phys_addr", "pio")
+    is_write = True
+
+    def __init__(self, phys_addr: int, length: int, data: bytes, pio: int = 0) -> None:
+        self.phys_addr = phys_addr
+        self.len = length
+        self.data = data
+        self.pio = pio
+
+    @property
+    def value(self) -> int:
+        return int.from_bytes(self.data[: self.len], "little")
+
+    def __repr__(self) -> str:
+        kind = "PIO" if self.pio else "MMIO"
+        return f"<Coalesced{kind} phys_addr={self.phys_addr:#x} len={self.len} data={self.data[: self.len].hex()}>"
+
+
 class Hlt(Exit):
     __slots__ = ()
     reason = ExitReason.HLT

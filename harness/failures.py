@@ -79,8 +79,26 @@ class VcpuTimeout(GuestFailure):
 
 
 class Livelock(GuestFailure):
-    def __init__(self, vcpu: Vcpu, rip: int, count: int, detail: str) -> None:
-        super().__init__(f"vcpu {vcpu.id} livelocked: {count} exits at rip={rip:#x} without progress; {detail}")
+    """The vCPU keeps exiting at the same RIP (and, for MMIO, the same GPA) without reaching a ucall:
+    the guest is stuck, e.g. an instruction KVM never completes or an address it reports wrongly."""
+
+    def __init__(self, vcpu: Vcpu, rip: int, count: int, detail: str, *, gpa: int | None = None,
+                 last_exit: Exit | None = None) -> None:
+        self.rip = rip
+        self.count = count
+        self.gpa = gpa
+        self.exit = last_exit
+        where = f"rip={rip:#x}"
+        guest = getattr(vcpu.vm, "guest", None)
+        if guest is not None:
+            where += f" [{guest.symbolize(rip)}]"
+        if gpa is not None:
+            where += f", gpa={gpa:#x}"
+        msg = f"vcpu {vcpu.id} livelocked: {count} exits at {where} without progress (no ucall); {detail}"
+        if last_exit is not None:
+            msg += f"\n  last exit: {last_exit.describe()}"
+        msg += "\n" + _indent(vcpu.dump_state())
+        super().__init__(msg)
 
 
 def _indent(text: str) -> str:
