@@ -1,4 +1,4 @@
-"""Known kernel issues: cases that catch a real bug stay strict, and CI on the affected kernels still
+r"""Known kernel issues: cases that catch a real bug stay strict, and CI on the affected kernels still
 passes because they are expected to fail there (strict xfail: an unexpected pass shows as XPASS,
 which tells the user the kernel got fixed).
 
@@ -10,6 +10,10 @@ The expectations live in known-issues.toml at the top of the repo:
     backend = "kvm_pvm"                            # optional: harness.backend.name()
     kernel = ">=6.18, <6.19"                       # optional: release range
     config = ["CONFIG_KVM_PROVE_MMU=y"]            # optional: all must be in /proc/config.gz or /boot/config-*
+    kmsg = 'dirty_ring\.c:\d+ kvm_dirty_ring_push'  # optional: regex of the splat the bug
+                                                   # prints; the kernel-log oracle accepts it in every
+                                                   # case while the issue is in force (under -n N the
+                                                   # splat lands in other workers' windows too)
     reason = "what the case catches"
     evidence = "the failure line / dmesg that shows it"
     fix = "upstream commit or thread, where known"
@@ -40,6 +44,7 @@ class KnownIssue:
     backend: str | None = None
     kernel: str | None = None
     config: tuple[str, ...] = field(default_factory=tuple)
+    kmsg: str | None = None
 
     def applies(self, release: str | None = None, backend_name: str | None = None,
                 config: frozenset[str] | None = None) -> bool:
@@ -122,13 +127,29 @@ def load(path: Path | str = DEFAULT_FILE) -> list[KnownIssue]:
         missing = {"id", "cases", "reason"} - set(d)
         if missing:
             raise ValueError(f"{p}: issue #{i} lacks {sorted(missing)}")
+        unknown = set(d) - _KEYS
+        if unknown:  # a typo would silently widen or narrow an expectation
+            raise ValueError(f"{p}: issue {d['id']!r} has unknown keys {sorted(unknown)}")
+        if d.get("kmsg"):
+            re.compile(d["kmsg"])
         cfg = d.get("config", ())
         out.append(KnownIssue(
             id=d["id"], cases=tuple(d["cases"]), reason=d["reason"], evidence=d.get("evidence", ""),
             fix=d.get("fix", ""), backend=d.get("backend"), kernel=d.get("kernel"),
-            config=tuple([cfg] if isinstance(cfg, str) else cfg),
+            config=tuple([cfg] if isinstance(cfg, str) else cfg), kmsg=d.get("kmsg"),
         ))
     return out
+
+
+_KEYS = {"id", "cases", "reason", "evidence", "fix", "backend", "kernel", "config", "kmsg"}
+
+
+def expected_splat(text: str, issues: list[KnownIssue] | None = None) -> KnownIssue | None:
+    """The known issue in force whose `kmsg` pattern matches this kernel-log text, if any."""
+    for ki in in_force(issues):
+        if ki.kmsg and re.search(ki.kmsg, text):
+            return ki
+    return None
 
 
 def in_force(issues: list[KnownIssue] | None = None) -> list[KnownIssue]:

@@ -313,6 +313,44 @@ class Vm:
         kvm_ioctl(self.fd, "KVM_GET_CLOCK", c, "")
         return c.clock
 
+    def get_clock_data(self) -> tuple[int, int]:
+        """KVM_GET_CLOCK: (kvmclock ns, flags) — flags say e.g. KVM_CLOCK_TSC_STABLE."""
+        c = ffi.new("struct kvm_clock_data *")
+        kvm_ioctl(self.fd, "KVM_GET_CLOCK", c, "")
+        return c.clock, c.flags
+
+    # ---- dirty tracking (additions for harness.dirty) ------------------------------------------
+    def enable_manual_dirty_log_protect(self, flags: int = 1) -> None:
+        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET_DIRTY_LOG stops re-protecting; CLEAR_DIRTY_LOG does it.
+        flags: KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE (1) | KVM_DIRTY_LOG_INITIALLY_SET (2)."""
+        from harness.caps import Cap
+
+        self.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, flags)
+
+    def enable_dirty_ring(self, size_bytes: int, *, acq_rel: bool = False) -> None:
+        """KVM_CAP_DIRTY_LOG_RING(_ACQ_REL) with a per-vCPU ring of size_bytes; before any vCPU exists."""
+        from harness.caps import Cap
+
+        self.enable_cap(Cap.DIRTY_LOG_RING_ACQ_REL if acq_rel else Cap.DIRTY_LOG_RING, size_bytes)
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: KVM re-protects harvested (RESET) entries; returns how many."""
+        return kvm_ioctl(self.fd, "KVM_RESET_DIRTY_RINGS", 0, "vm")
+
+    def get_dirty_pages(self, slot: int) -> set[int]:
+        """KVM_GET_DIRTY_LOG as a set of page numbers within the slot."""
+        from harness.dirty import bitmap_pages
+
+        return bitmap_pages(self.get_dirty_log(slot), self.memslots[slot].size // 4096)
+
+    def clear_dirty_pages(self, slot: int, pages: set[int] | None = None) -> None:
+        """KVM_CLEAR_DIRTY_LOG over the whole slot for `pages` (all pages when None)."""
+        from harness.dirty import pages_bitmap
+
+        npages = self.memslots[slot].size // 4096
+        bits = pages_bitmap(range(npages) if pages is None else pages, npages)
+        self.clear_dirty_log(slot, 0, npages, bits)
+
     def stats(self) -> Stats:
         if self._stats is None:
             self._stats = Stats(kvm_ioctl(self.fd, "KVM_GET_STATS_FD", 0, "vm"))

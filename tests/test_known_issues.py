@@ -1,4 +1,6 @@
-from harness.known_issues import KnownIssue, load, release_in_range
+import pytest
+
+from harness.known_issues import KnownIssue, expected_splat, load, release_in_range
 
 
 def test_release_ranges():
@@ -31,3 +33,20 @@ def test_load_file(tmp_path):
 def test_repo_file_parses():
     for ki in load():
         assert ki.cases and ki.reason
+
+
+def test_kmsg_pattern_accepts_only_its_splat(tmp_path):
+    p = tmp_path / "k.toml"
+    p.write_text('[[issue]]\nid = "ring"\ncases = ["cases/x.py::t"]\nreason = "r"\n'
+                 "kmsg = 'dirty_ring\\.c:\\d+ kvm_dirty_ring_push'\n")
+    issues = load(p)
+    warn = "WARNING: CPU: 1 PID: 9343 at arch/x86/kvm/../../../virt/kvm/dirty_ring.c:225 kvm_dirty_ring_push+0xe2/0xf0"
+    assert expected_splat(warn, issues).id == "ring"
+    assert expected_splat("WARNING: CPU: 0 PID: 1 at mm/gup.c:1 foo", issues) is None
+
+
+def test_unknown_key_is_refused(tmp_path):
+    p = tmp_path / "k.toml"
+    p.write_text('[[issue]]\nid = "a"\ncases = ["c"]\nreason = "r"\nkernal = ">=6.0"\n')
+    with pytest.raises(ValueError, match="unknown keys"):
+        load(p)
