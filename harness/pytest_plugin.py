@@ -9,7 +9,9 @@ Loaded from the top-level conftest.py. Cases say what they need and get it or a 
 
 from __future__ import annotations
 
+import argparse
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +19,11 @@ import pytest
 
 from harness import known_issues
 from harness.caps import Cap
+from harness.failures import VcpuTimeout
+from harness.health import diagnostics, leaks
+from harness.health.oracle import MODES, KmsgOracle, Window, known_splats
 from harness.kvm import Kvm
+from harness.report.pytest_ktap import HEALTH_PROPERTY, TIMEOUT_PROPERTY, KtapReporter, redirect_terminal_to_stderr
 from harness.vcpu import Vcpu
 from harness.vm import Vm
 from harness.watchdog import WATCHDOG
@@ -27,14 +33,66 @@ from harness.x86.modes import Mode
 DEFAULT_TEST_TIMEOUT = 60.0
 
 
+class KernelHealthWarning(UserWarning):
+    """--kmsg=warn / --leaks=warn: what would have failed the case."""
+
+
+class _Health:
+    """Per-process state of the health checks (one per pytest process, xdist workers included)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.kmsg_mode: str = config.getoption("--kmsg")
+        self.leaks_mode: str = config.getoption("--leaks")
+        self.limits = leaks.Limits(rss_mb=config.getoption("--leak-rss-mb"),
+                                   anon_mb=config.getoption("--leak-anon-mb"))
+        self.kmsg_dev: str = config.getoption("--kmsg-dev")
+        # Per-case growth numbers for choosing the bounds: KVM_HARNESS_LEAK_LOG=/path/file.tsv
+        self.leak_log = os.environ.get("KVM_HARNESS_LEAK_LOG", "")
+        wi = getattr(config, "workerinput", None)  # xdist worker: how many workers share the log
+        self.workers = int(wi.get("workercount", 1)) if wi else 1
+        self._oracle: KmsgOracle | None = None
+
+    @property
+    def oracle(self) -> KmsgOracle:
+        if self._oracle is None:  # opened at the first case: the xdist controller never needs one
+            known = known_splats({ki.id for ki in known_issues.in_force()}, known_issues.DEFAULT_FILE)
+            self._oracle = KmsgOracle(self.kmsg_mode, self.kmsg_dev, workers=self.workers, known=known)
+        return self._oracle
+
+    def close(self) -> None:
+        if self._oracle is not None:
+            self._oracle.close()
+
+
+_HEALTH = pytest.StashKey[_Health]()
+_WINDOW = pytest.StashKey[Window | None]()
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("kvm-harness")
     g.addoption("--kvm-dev", default=os.environ.get("KVM_HARNESS_DEV", "/dev/kvm"),
                 help="KVM device node (default /dev/kvm)")
     g.addoption("--kvm-timeout", type=float, default=DEFAULT_TEST_TIMEOUT,
                 help="bound on all KVM_RUNs of one test, in seconds (default %(default)s)")
+    g.addoption("--kmsg", choices=MODES, default="fail",
+                help="kernel-log oracle: fail a case on a new splat or taint change, warn only, or off "
+                     "(default %(default)s)")
+    g.addoption("--kmsg-dev", default="/dev/kmsg", help=argparse.SUPPRESS)
+    g.addoption("--leaks", choices=MODES, default="fail",
+                help="leak check after each case: fds, threads, mappings, RSS, hugepage pools, mounts "
+                     "(default %(default)s)")
+    g.addoption("--leak-rss-mb", type=int, default=leaks.DEFAULT_RSS_MB,
+                help="RSS growth over one case that counts as a leak (default %(default)s MiB)")
+    g.addoption("--leak-anon-mb", type=int, default=leaks.DEFAULT_ANON_MB,
+                help="anonymous-mapping growth over one case that counts as a leak (default %(default)s MiB)")
+    g.addoption("--ktap", nargs="?", const="-", default=None, metavar="PATH",
+                help="write KTAP v1 results to PATH (default: stdout; pytest's own output then goes to stderr)")
+    g.addoption("--bisect", action="store_true",
+                help="exit 0 good / 1 bad / 125 cannot test here, for `git bisect run`")
 
 
+@pytest.hookimpl(trylast=True)  # after the terminal reporter exists (--ktap to stdout moves it)
 def pytest_configure(config: pytest.Config) -> None:
     for line in (
         "guest(payload, mode='long64', nr_vcpus=1, arg=0): the `vm` fixture builds a GuestVm running this payload",
@@ -42,19 +100,65 @@ def pytest_configure(config: pytest.Config) -> None:
         "requires_vm_cap(cap, min=1): skip unless the VM fd reports cap >= min",
         "requires_sysfs(path, value=None): skip unless the file exists (and holds value)",
         "kvm_timeout(seconds): this test's bound on KVM_RUN instead of --kvm-timeout",
+        "kmsg_accept_user: the kernel-log oracle also counts user-space records (tests that inject one)",
     ):
         config.addinivalue_line("markers", line)
+    config.stash[_HEALTH] = _Health(config)
+    WATCHDOG.add_collector(diagnostics.collect_hang)
+    if diagnostics.prepare_vcpu not in WATCHDOG.register_hooks:
+        WATCHDOG.register_hooks.append(diagnostics.prepare_vcpu)
+    is_worker = hasattr(config, "workerinput")
+    ktap = config.getoption("--ktap")
+    if ktap and not is_worker:
+        rep = KtapReporter(config, ktap)
+        if ktap == "-":
+            redirect_terminal_to_stderr(config)
+        if config.getoption("--kmsg") != "off":
+            why = _kmsg_unreadable(config.getoption("--kmsg-dev"))
+            rep.header(f"kernel-log oracle: {why or config.getoption('--kmsg')}")
+        config.pluginmanager.register(rep, "kvm-harness-ktap")
+    if config.getoption("--bisect") and not is_worker:
+        from harness.cli.bisect import BisectVerdict
+
+        config.pluginmanager.register(BisectVerdict(), "kvm-harness-bisect")
+
+
+def _kmsg_unreadable(path: str) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return f"off: cannot open {path} ({e.strerror}); cases are not checked against the kernel log"
+    os.close(fd)
+    return None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = []
+    mode = config.getoption("--kmsg")
+    why = _kmsg_unreadable(config.getoption("--kmsg-dev")) if mode != "off" else "off"
+    lines.append(f"kvm-harness: kernel-log oracle {why or mode}, leak checks {config.getoption('--leaks')}")
+    return lines
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    h = config.stash.get(_HEALTH, None)
+    if h is not None:
+        h.close()
+    WATCHDOG.remove_collector(diagnostics.collect_hang)
+    if diagnostics.prepare_vcpu in WATCHDOG.register_hooks:
+        WATCHDOG.register_hooks.remove(diagnostics.prepare_vcpu)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Known kernel issues in force on this kernel become strict xfails of the cases they name."""
+    """Known kernel issues in force on this kernel become xfails of the cases they name (strict unless
+    the entry says the bug reproduces by chance)."""
     issues = known_issues.in_force()
     if not issues:
         return
     for item in items:
         for ki in issues:
             if ki.matches(item.nodeid):
-                item.add_marker(pytest.mark.xfail(reason=ki.xfail_reason(), strict=True))
+                item.add_marker(pytest.mark.xfail(reason=ki.xfail_reason(), strict=ki.strict))
                 item.user_properties.append(("known_issue", ki.id))
                 break
 
@@ -101,6 +205,92 @@ def _check_requirements(item: pytest.Item, kvm: Kvm | None) -> None:
             pytest.skip(f"KVM_CAP_{name} is {have} on this kernel (needs >= {need})")
 
 
+def _report_health(item: pytest.Item, when: str, what: str, mode: str, summary: str, msg: str,
+                   already_failed: bool) -> str | None:
+    """Record one health finding; returns the message when it must fail the case now."""
+    if mode == "warn":
+        item.user_properties.append((f"kvm_{what}_warning", summary))
+        warnings.warn(KernelHealthWarning(msg), stacklevel=1)
+        return None
+    item.user_properties.append((HEALTH_PROPERTY, f"{what}: {summary}"))
+    if already_failed:
+        # The case failed already; the evidence goes next to that failure, not in a second one.
+        item.add_report_section(when, f"kvm-harness {what}", msg)
+        return None
+    return msg
+
+
+@pytest.fixture(autouse=True)
+def _kernel_health(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Kernel log, taint and leaks around every case. Autouse and defined before the other function
+    fixtures, so it is set up before them and torn down after them: their set-up and teardown (VM
+    creation, close) are inside the case's window, and leaks are judged after they cleaned up."""
+    item = request.node
+    h = request.config.stash[_HEALTH]
+    w = None
+    if h.kmsg_mode != "off":
+        w = h.oracle.begin(item.nodeid, accept_user=item.get_closest_marker("kmsg_accept_user") is not None)
+    item.stash[_WINDOW] = w
+    before = leaks.snapshot() if h.leaks_mode != "off" else None
+    yield
+    failed = item.stash.get(_CALL_FAILED, False)
+    fail_msgs = []
+    f = h.oracle.check(w) if w is not None else None
+    if f is not None and f.known and not f:
+        item.add_report_section("teardown", "kvm-harness kernel log (known issues)", f.known_message())
+    if f:
+        m = _report_health(item, "teardown", "kmsg", h.kmsg_mode, f.summary(),
+                           f.message(f"teardown (after the test body) of {item.nodeid}"), failed)
+        fail_msgs.append(m)
+    if before is not None:
+        if h.leak_log:
+            leaks.log_growth(h.leak_log, item.nodeid, before)
+        found = leaks.check(before, h.limits)
+        if found:
+            msg = f"leak check: {item.nodeid} left behind {len(found)} thing(s):\n" + \
+                "\n".join(f"  {ln}" for ln in found)
+            fail_msgs.append(_report_health(item, "teardown", "leaks", h.leaks_mode, "; ".join(found)[:500],
+                                            msg, failed))
+    fail_msgs = [m for m in fail_msgs if m]
+    if fail_msgs:
+        pytest.fail("\n\n".join(fail_msgs), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[Any]:
+    """Check the kernel log right after the test body, so a splat fails the case itself (F, not E)."""
+    exc: BaseException | None = None
+    res = None
+    try:
+        res = yield
+    except BaseException as e:
+        exc = e
+    h = item.config.stash.get(_HEALTH, None)
+    w = item.stash.get(_WINDOW, None)
+    f = h.oracle.check(w) if h is not None and w is not None else None
+    if f is not None and f.known and not f:
+        item.add_report_section("call", "kvm-harness kernel log (known issues)", f.known_message())
+    if f:
+        m = _report_health(item, "call", "kmsg", h.kmsg_mode, f.summary(), f.message("the test body"),  # type: ignore[union-attr]
+                           exc is not None)
+        if m and exc is None:
+            pytest.fail(m, pytrace=False)
+    if exc is not None:
+        raise exc
+    return res
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    if call.when == "call" and call.excinfo is not None and call.excinfo.errisinstance(VcpuTimeout):
+        # Before the report is made: it copies the properties (KTAP says TIMEOUT, JUnit shows it).
+        item.user_properties.append((TIMEOUT_PROPERTY, str(call.excinfo.value).splitlines()[0]))
+    rep = yield
+    if rep.when == "call":
+        item.stash[_CALL_FAILED] = rep.failed
+    return rep
+
+
 @pytest.fixture(autouse=True)
 def _kvm_bound(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every KVM_RUN of the test is bounded: past the bound the watchdog kicks and fails it."""
@@ -108,6 +298,7 @@ def _kvm_bound(request: pytest.FixtureRequest) -> Iterator[None]:
     seconds = float(m.args[0]) if m else request.config.getoption("--kvm-timeout")
     kvm = request.getfixturevalue("kvm") if "kvm" in request.fixturenames else None
     _check_requirements(request.node, kvm)
+    request.node.user_properties.append(("kvm_bound_s", f"{seconds:g}"))
     WATCHDOG.set_global_deadline(seconds, f"test exceeded its {seconds:g} s bound on KVM_RUN")
     yield
     WATCHDOG.set_global_deadline(None)

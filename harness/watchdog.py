@@ -8,6 +8,7 @@ carries the diagnostics collected before the kick.
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
 import time
@@ -21,12 +22,21 @@ if TYPE_CHECKING:
     from harness.vcpu import Vcpu
 
 POLL_S = 0.02
+COLLECT_TIMEOUT_S = 10.0  # bound on the diagnostics collected before a kick
 KICK_SIGNAL = lib.kh_kick_signal()
 _rc = lib.kh_install_kick_handler()
 if _rc < 0:  # pragma: no cover - sigaction on a valid signal does not fail
     raise OSError(-_rc, "sigaction(kick signal)")
 
 Collector = Callable[["Vcpu", str], str]
+
+
+class _DiagJob:
+    def __init__(self, vcpu: Vcpu, reason: str) -> None:
+        self.vcpu = vcpu
+        self.reason = reason
+        self.out: list[str] = []
+        self.done = threading.Event()
 
 
 class Watchdog:
@@ -38,15 +48,30 @@ class Watchdog:
         self._global_deadline: float | None = None
         self._global_reason = ""
         self.collectors: list[Collector] = []  # run before the kick; their text goes in the failure
+        # Run when a vCPU registers (on its creating thread, before it can run): collectors must not
+        # issue vCPU ioctls, which wait for the vcpu mutex KVM_RUN holds, so they prepare here.
+        self.register_hooks: list[Callable[[Vcpu], None]] = []
         self.expired_log: list[str] = []
         self._thread: threading.Thread | None = None
+        self._diag_thread: threading.Thread | None = None
+        self._diag_queue: queue.SimpleQueue[_DiagJob] = queue.SimpleQueue()
+        self._diag_busy = threading.Event()
 
     def register(self, vcpu: Vcpu) -> None:
+        for hook in self.register_hooks:
+            try:
+                hook(vcpu)
+            except Exception:  # diagnostics preparation must never break vCPU creation
+                pass
         with self._lock:
             self._vcpus.add(vcpu)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="kvm-watchdog", daemon=True)
                 self._thread.start()
+            if self._diag_thread is None or not self._diag_thread.is_alive():
+                self._diag_thread = threading.Thread(target=self._diag_loop, name="kvm-watchdog-diag",
+                                                     daemon=True)
+                self._diag_thread.start()
 
     def set_global_deadline(self, seconds: float | None, reason: str = "") -> None:
         """Bound everything that runs from now on (the pytest plugin does this per test)."""
@@ -56,32 +81,84 @@ class Watchdog:
     def _loop(self) -> None:
         while True:
             time.sleep(POLL_S)
-            now = time.monotonic()
-            gd = self._global_deadline
-            with self._lock:
-                vcpus = list(self._vcpus)
-            for v in vcpus:
-                if v._expired is not None:
-                    if v._tid:
-                        self._signal(v)  # still inside KVM_RUN: the first kick may have raced
-                    continue
-                if v._deadline is not None and now >= v._deadline:
-                    self.expire(v, v._deadline_reason)
-                elif gd is not None and now >= gd and not v.closed:
-                    self.expire(v, self._global_reason)
-
-    def expire(self, vcpu: Vcpu, reason: str) -> None:
-        report = [reason]
-        for collect in self.collectors:
             try:
-                text = collect(vcpu, reason)
-            except Exception as e:  # diagnostics must never mask the timeout itself
-                text = f"(collector {getattr(collect, '__name__', collect)} failed: {e!r})"
-            if text:
-                report.append(text)
+                self._tick()
+            except Exception:  # the bound on every KVM_RUN must outlive any one bad vCPU object
+                pass
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        gd = self._global_deadline
+        with self._lock:
+            vcpus = list(self._vcpus)
+        collected = False  # one report per tick for vCPUs outside KVM_RUN: it is the same process
+        for v in vcpus:
+            if v._expired is not None:
+                if v._tid:
+                    self._signal(v)  # still inside KVM_RUN: the first kick may have raced
+                continue
+            reason = None
+            if v._deadline is not None and now >= v._deadline:
+                reason = v._deadline_reason
+            elif gd is not None and now >= gd and not v.closed:
+                reason = self._global_reason
+            if reason is None:
+                continue
+            collect = bool(v._tid) or not collected
+            collected = collected or collect
+            self.expire(v, reason, collect=collect)
+
+    def add_collector(self, collect: Collector) -> None:
+        """Run `collect(vcpu, reason)` on every expiry, before the kick (idempotent)."""
+        if collect not in self.collectors:
+            self.collectors.append(collect)
+
+    def remove_collector(self, collect: Collector) -> None:
+        if collect in self.collectors:
+            self.collectors.remove(collect)
+
+    def expire(self, vcpu: Vcpu, reason: str, *, collect: bool = True) -> None:
+        report = [reason]
+        if self.collectors and collect:
+            report += self._collect(vcpu, reason)
         vcpu._expired = "\n".join(report)
         self.expired_log.append(f"vcpu {vcpu.id}: {reason}")
-        vcpu.kick()
+        if vcpu.closed:
+            return  # closed while the diagnostics ran: nothing to kick
+        try:
+            vcpu.kick()
+        except AttributeError:
+            pass  # closed between the check and the kick (close() drops the kvm_run mapping)
+
+    def _collect(self, vcpu: Vcpu, reason: str) -> list[str]:
+        """Run the collectors on the diagnostics thread, bounded: a collector that blocks (say, on
+        a lock the stuck vCPU holds) must not stop the kick, or the bound on KVM_RUN would be gone.
+        The thread is made once, up front: creating one at expiry needs a stack mmap, i.e. the
+        mmap lock, which a vCPU faulting in a 1 GiB page can hold for seconds."""
+        if self._diag_busy.is_set():
+            return ["(diagnostics skipped: the previous collection has not finished)"]
+        t0 = time.monotonic()
+        job = _DiagJob(vcpu, reason)
+        self._diag_busy.set()
+        self._diag_queue.put(job)
+        if not job.done.wait(COLLECT_TIMEOUT_S):
+            return [*job.out, f"(diagnostics did not finish within {COLLECT_TIMEOUT_S:g} s; kicked without the rest)"]
+        return [*job.out, f"(diagnostics took {time.monotonic() - t0:.2f} s, before the kick)"]
+
+    def _diag_loop(self) -> None:
+        while True:
+            job = self._diag_queue.get()
+            try:
+                for collect in list(self.collectors):
+                    try:
+                        text = collect(job.vcpu, job.reason)
+                    except Exception as e:  # diagnostics must never mask the timeout itself
+                        text = f"(collector {getattr(collect, '__name__', collect)} failed: {e!r})"
+                    if text:
+                        job.out.append(text)
+            finally:
+                self._diag_busy.clear()
+                job.done.set()
 
     @staticmethod
     def _signal(vcpu: Vcpu) -> None:

@@ -291,3 +291,28 @@ def walk(block: ParsedBlock, depth: int = 0) -> Iterator[tuple[int, ParsedTest]]
         if t.subtests is not None:
             yield from walk(t.subtests, depth + 1)
         yield depth, t
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.ktap_parser FILE`: 0 and a one-line summary when FILE is valid strict KTAP."""
+    import sys
+
+    if len(argv) != 1:
+        print("usage: python -m tests.ktap_parser FILE", file=sys.stderr)
+        return 2
+    with open(argv[0], encoding="utf-8") as f:
+        text = f.read()
+    try:
+        doc = parse_ktap(text)
+    except KtapParseError as e:
+        print(f"{argv[0]}: not valid KTAP: {e}", file=sys.stderr)
+        return 1
+    failed = sum(1 for _, t in walk(doc) if t.failed)
+    print(f"{argv[0]}: valid KTAP v1, {len(doc.tests)} results, {failed} failed")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

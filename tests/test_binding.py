@@ -138,3 +138,10 @@ def test_region2_guest_memfd_fields():
     assert ffi.offsetof("struct kvm_userspace_memory_region2", "guest_memfd") == 40
     assert ffi.offsetof("struct kvm_sregs", "cr0") == 224
     assert ffi.offsetof("struct kvm_sregs", "interrupt_bitmap") == 280
+
+
+def test_vcpu_mmap_page_offsets():
+    # arch/x86/include/uapi/asm/kvm.h: page 1 of the vCPU mapping is PIO data, page 2 the MMIO ring
+    from harness.caps import KVM_COALESCED_MMIO_PAGE_OFFSET, KVM_PIO_PAGE_OFFSET
+
+    assert (KVM_PIO_PAGE_OFFSET, KVM_COALESCED_MMIO_PAGE_OFFSET) == (1, 2)

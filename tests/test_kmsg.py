@@ -23,6 +23,7 @@ from harness.health.kmsg import (
 )
 
 DATA = Path(__file__).parent / "data" / "kmsg"
+INJECTION_TAG = "kvm-harness test injection: not a kernel warning"
 
 
 def _rec(text: str, *, pri: int = 4, seq: int = 1) -> KmsgRecord:
@@ -353,8 +354,11 @@ def test_reader_real_dev_kmsg():
         assert oldest is None or all(r.seq > oldest for r in first)
 
         token = uuid.uuid4().hex
-        # The WARN header has to start the message (matching is anchored), so the tag trails it.
-        msg = f"<4>WARNING: CPU: 0 PID: 1 at fake.c:1 kvm_harness_probe+0x0/0x1 [kvm-harness-test {token}]\n"
+        # This lands in the machine's real kernel log: it says what it is so nobody reading dmesg
+        # mistakes it for a kernel WARN (and the kernel tags it facility 1, user). The WARN header
+        # has to start the message (matching is anchored), so the tag trails it.
+        msg = (f"<4>WARNING: CPU: 0 PID: 1 at kvm_harness_injection.c:1 kvm_harness_injection+0x0/0x1 "
+               f"[{INJECTION_TAG} {token}]\n")
         try:
             with open("/dev/kmsg", "w") as f:
                 f.write(msg)
@@ -369,4 +373,5 @@ def test_reader_real_dev_kmsg():
         assert rec.text == msg[3:-1]
         assert find_splats(ours) == []
         assert find_splats(ours, kernel_only=False) == [("WARNING", rec)]
+        assert INJECTION_TAG in rec.text
         assert all(token not in r.text for r in reader.drain())  # read once, not again

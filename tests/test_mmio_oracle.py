@@ -11,6 +11,7 @@ import mmap
 import pytest
 
 from harness._kvm_cffi import ffi
+from harness.caps import KVM_COALESCED_MMIO_PAGE_OFFSET as COALESCED_MMIO_PAGE_OFFSET
 from harness.exits import CoalescedMmio, Mmio
 from harness.failures import Livelock
 from harness.oracles.mmio import (
@@ -28,7 +29,7 @@ from harness.oracles.mmio import (
     truncations,
     write,
 )
-from harness.vcpu import COALESCED_MMIO_PAGE_OFFSET, Vcpu
+from harness.vcpu import Vcpu
 
 MAXPHYADDRS = (36, 39, 46, 48, 52)
 

@@ -35,6 +35,22 @@ class _Tally:
                     self.skip_reasons.append(str(report.longrepr[2]))
 
 
+class BisectVerdict(_Tally):
+    """`pytest --bisect`: the session's exit status becomes the bisect verdict."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        v = verdict(int(exitstatus), self.passed, self.failed)
+        tr = session.config.pluginmanager.getplugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"bisect: {self.passed} passed, {self.failed} failed, {self.skipped} skipped "
+                          f"(pytest exit {int(exitstatus)}) -> exit {v}")
+            if v == SKIP:
+                for r in sorted(set(self.skip_reasons))[:10]:
+                    tr.write_line(f"bisect:   skipped because: {r}")
+        session.exitstatus = v
+
+
 def verdict(exit_code: int, passed: int, failed: int) -> int:
     if failed or exit_code == pytest.ExitCode.TESTS_FAILED:
         return BAD

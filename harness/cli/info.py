@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import platform
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from harness import backend, known_issues
 from harness.caps import Cap, VmType
+from harness.health.kmsg import taint_letters
 
 
 def _read(path: str) -> str:
@@ -25,6 +31,55 @@ def _kmsg_access() -> str:
         return f"no ({e.strerror}): kernel-log oracle disabled"
     os.close(fd)
     return "yes"
+
+
+CASES_DIR = Path(__file__).resolve().parent.parent.parent / "cases"
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.items: list[pytest.Item] = []
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.items = list(session.items)
+
+
+def predict_skips(kvm: Any, cpuid: Any, cases: Path = CASES_DIR) -> tuple[int, dict[str, list[str]]]:
+    """Collect the suite and decide, from its markers and parameters alone, which cases will skip
+    here: (number of cases, reason -> node ids). Skips decided at run time (hugepages that cannot be
+    reserved, a backing the kernel refuses) are not predicted."""
+    from harness.x86.modes import Mode, unsupported_reason
+
+    col = _Collector()
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", str(cases)], plugins=[col])
+    out: dict[str, list[str]] = {}
+    for item in col.items:
+        reason = None
+        for m in item.iter_markers("requires_cap"):
+            cap = m.args[0]
+            need = m.args[1] if len(m.args) > 1 else m.kwargs.get("min", 1)
+            if kvm.check_extension(cap) < need:
+                name = Cap(cap).name if cap in Cap._value2member_map_ else str(cap)
+                reason = f"KVM_CAP_{name} is {kvm.check_extension(cap)} (needs >= {need})"
+        for m in item.iter_markers("requires_sysfs"):
+            if not os.path.exists(m.args[0]):
+                reason = f"needs {m.args[0]}, which does not exist"
+        mode = None
+        g = item.get_closest_marker("guest")
+        if g is not None:
+            mode = g.kwargs.get("mode")
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "mode" in callspec.params:
+            mode = callspec.params["mode"]
+        if reason is None and mode is not None:
+            try:
+                reason = unsupported_reason(Mode(mode), cpuid)
+            except ValueError:
+                pass
+        if reason:
+            out.setdefault(reason, []).append(item.nodeid)
+    return len(col.items), out
 
 
 def main() -> int:
@@ -51,21 +106,29 @@ def main() -> int:
         for m in Mode:
             why = unsupported_reason(m, cpuid)
             print(f"  {m.value:<12} {'runs' if not why else 'SKIP: ' + why}")
-        skips = []
-        for cap in (Cap.MEMORY_ATTRIBUTES, Cap.PRE_FAULT_MEMORY, Cap.XEN_HVM, Cap.GUEST_MEMFD, Cap.DIRTY_LOG_RING):
-            if not kvm.check_extension(cap):
-                skips.append(f"cases needing KVM_CAP_{cap.name} skip (capability absent)")
+        try:
+            total, predicted = predict_skips(kvm, cpuid) if CASES_DIR.is_dir() else (0, {})
+        except Exception as e:  # the doctor reports; it does not fail on a suite it cannot collect
+            total, predicted = 0, {}
+            print(f"(could not collect {CASES_DIR}: {e!r})")
     print("hugepages:")
     for d in sorted(glob.glob("/sys/kernel/mm/hugepages/hugepages-*")):
         print(f"  {os.path.basename(d)}: nr={_read(d + '/nr_hugepages')} free={_read(d + '/free_hugepages')}")
     print(f"THP:           {_read('/sys/kernel/mm/transparent_hugepage/enabled')}")
     print(f"/dev/kmsg:     {_kmsg_access()}")
-    print(f"tainted:       {_read('/proc/sys/kernel/tainted')}")
-    print("will skip:")
-    for s in skips or ["(nothing capability-gated)"]:
-        print(f"  {s}")
+    taint = _read("/proc/sys/kernel/tainted")
+    letters = taint_letters(int(taint)) if taint.isdigit() else ""
+    print(f"tainted:       {taint}{f' ({letters}): a new taint bit during a case fails it' if letters else ''}")
+    n_skip = sum(len(v) for v in predicted.values())
+    print(f"will skip ({n_skip} of {total} cases, from markers and parameters; hugepage and backing skips "
+          "are decided at run time):")
+    for why, ids in sorted(predicted.items(), key=lambda kv: -len(kv[1])):
+        print(f"  {len(ids):4d}  {why}")
+        print(f"        e.g. {ids[0]}")
+    if not predicted:
+        print("  (nothing)")
     issues = known_issues.in_force()
-    print(f"known kernel issues in force ({len(issues)}):")
+    print(f"known kernel issues in force ({len(issues)}; strict xfails, `ok N name # XFAIL <reason>` in KTAP):")
     for ki in issues:
         print(f"  {ki.id}: {ki.reason}\n    cases: {', '.join(ki.cases)}")
         if ki.evidence:

@@ -1,0 +1,8 @@
+"""Host and kernel health around every case.
+
+kmsg         /dev/kmsg reader, splat matcher, taint
+oracle       per-case kernel-log windows (splats and taint changes), known-issue splats
+leaks        per-case fd / thread / mapping / RSS / hugepage / mount comparison
+diagnostics  what a hung vCPU thread (and every other thread) was doing, for the watchdog
+ptrace_helper  the separate process that ptraces stuck threads (python -m harness.health.ptrace_helper)
+"""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from harness.errors import HarnessError
 from harness.exits import Exit, Mmio
 from harness.ucall import SYNC
+from harness.vcpu import DEFAULT_UCALL_TIMEOUT
 
 if TYPE_CHECKING:
     from harness.kvm import Kvm
@@ -185,6 +186,9 @@ class MemTouch:
             raise HarnessError("memtouch already finished (done() was called)")
         data = b"".join(x.to_bytes(8, "little") for x in (cmd, gva, length, pattern & MASK, stride))
         self.vm.write(self.desc, data)
+        if timeout is None:
+            # first touch of a 1 GiB hugetlb page takes 2.2 s idle and over 5 s under -n 2 load here
+            timeout = DEFAULT_UCALL_TIMEOUT + 25.0 * (length / (1 << 30))
         uc = self.vcpu.run_until_ucall(timeout, on_exit=on_exit)
         if uc.cmd != SYNC:
             raise HarnessError(f"memtouch answered {uc!r} to cmd {cmd}")
