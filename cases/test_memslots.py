@@ -360,6 +360,7 @@ def test_every_slot_up_to_the_limit(kvm, memtouch):
     memtouch.done()
 
 
+@pytest.mark.requires_cap(Cap.USER_MEMORY2)  # it mixes in KVM_SET_USER_MEMORY_REGION2 (6.8+)
 def test_slot_table_follows_random_v1_v2_mix(kvm, backings):
     """Slots made through either ioctl are changed through the same one and tracked alike."""
     vm = kvm.create_vm()

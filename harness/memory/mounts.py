@@ -173,6 +173,11 @@ class Mounts:
     def hostfs(self) -> Path:
         """A directory on the machine's own root filesystem (not tmpfs): /var/tmp when it is a disk."""
         if "hostfs" not in self._mounted:
+            st = os.stat(HOSTFS_DIR)
+            dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+            if not os.path.exists(f"/sys/dev/block/{dev}"):
+                # tmpfs, overlay or 9p (e.g. inside the QEMU kernel runner): no disk to write back to
+                raise MountError(f"{HOSTFS_DIR} is on device {dev}, which is no block device")
             d = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}.", dir=HOSTFS_DIR))
             self._mounted["hostfs"] = d
         return self._mounted["hostfs"]

@@ -1,0 +1,484 @@
+"""Boot a kernel under QEMU, run pytest args inside against its /dev/kvm, answer in bisect codes.
+
+The guest is ours end to end (initramfs.py): QEMU's own options only, nothing installed in the
+guest, the host root shared read-only over 9p with a tmpfs overlay. The console (ttyS0) is piped
+to the host and streamed live; sentinel lines carrying a per-run nonce say how far the guest got:
+
+    BOOTED  the kernel reached our /init            (none before --boot-timeout: boot failure)
+    RESULT  the harness's verdict, 0 / 1 / 125      (the answer)
+    EXIT    /init's view of the Python exit status   (without RESULT: the harness died: 125)
+
+Every run is bounded (boot timeout, overall timeout), QEMU is killed by its pid in a finally, and the
+temporary directory (initramfs, extracted vmlinux) is removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import os
+import queue
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from harness import backend
+from harness.qemu import image, initramfs
+from harness.qemu.modules import ModuleError, ModuleTree
+
+GOOD, BAD, SKIP = 0, 1, 125
+QEMU = "qemu-system-x86_64"
+REPO = Path(__file__).resolve().parents[2]
+_SENTINEL = re.compile(r"@@KH-(BOOTED|RESULT|EXIT) ([0-9a-f]+)(?: (-?\d+))?@@")
+_MEM = re.compile(r"^\d+[MGT]?$", re.IGNORECASE)
+
+
+@dataclass
+class RunConfig:
+    kernel: Path
+    pytest_args: list[str]
+    modules: Path | None = None
+    cpus: int | None = None  # None: 1 under TCG (see default_cpus), 2 under KVM
+    mem: str = "2G"
+    boot_timeout: float = 60.0
+    timeout: float = 900.0
+    boot_failure: int = SKIP  # the code for a kernel that does not reach /init (--boot-failure)
+    crash: int = BAD  # the code for a guest that dies after /init started, before a verdict (--crash)
+    accel: str = "auto"  # auto | kvm | tcg
+    machine: str = "auto"  # auto | microvm | q35
+    append: str = ""
+    qemu: str = QEMU
+    python: str = sys.executable
+    cwd: str = str(REPO)
+    tail_lines: int = 40
+    grace: float = 10.0  # after the verdict, seconds for the guest to power off before QEMU is killed
+
+
+@dataclass
+class RunResult:
+    code: int
+    outcome: str  # "verdict", "boot-failure", "crash", "harness-died", "timeout", "setup"
+    reason: str
+    boot_seconds: float | None = None
+    total_seconds: float = 0.0
+    console_tail: list[str] = field(default_factory=list)
+    qemu_stderr: str = ""
+
+
+# ---- pure logic (unit-tested) ----------------------------------------------------------------------
+
+def parse_sentinel(line: str, nonce: str) -> tuple[str, int | None] | None:
+    """("BOOTED", None) / ("RESULT", code) / ("EXIT", rc) for our sentinel, else None. Console lines
+    can carry kernel messages around it (printk interleaves), and another run's nonce is ignored."""
+    m = _SENTINEL.search(line)
+    if not m or m.group(2) != nonce:
+        return None
+    kind, num = m.group(1), m.group(3)
+    if kind == "BOOTED":
+        return kind, None
+    if num is None:
+        return None
+    return kind, int(num)
+
+
+@dataclass
+class GuestProgress:
+    """What the console said so far."""
+
+    booted: bool = False
+    result: int | None = None
+    exit_rc: int | None = None
+    why: str = ""  # the guest's last summary line before its RESULT ("bisect: ..." or its own)
+
+
+def verdict(p: GuestProgress, *, qemu_rc: int | None, timed_out: bool, boot_failure: int = SKIP,
+            crash: int = BAD, killed: bool = False) -> tuple[int, str, str]:
+    """(exit code, outcome, reason) from how far the guest got; only 0, 1, 125 or the configured
+    boot-failure/crash codes come out, since anything else would abort a `git bisect run`."""
+    if p.result is not None:
+        if p.result in (GOOD, BAD, SKIP):
+            word = {GOOD: "the cases passed", BAD: "a case failed", SKIP: "cannot test inside the guest"}[p.result]
+            return p.result, "verdict", f"{word} ({p.why})" if p.why else word
+        return SKIP, "harness-died", f"the harness answered {p.result}, not a bisect code"
+    if killed:  # QEMU was signalled from outside: says nothing about the kernel
+        return SKIP, "killed", "QEMU was terminated by a signal from outside"
+    if p.exit_rc is not None:
+        return SKIP, "harness-died", f"the guest finished without a verdict from the harness (exit {p.exit_rc})"
+    if not p.booted:
+        if timed_out:
+            return boot_failure, "boot-failure", "the kernel did not reach /init within the boot timeout"
+        return boot_failure, "boot-failure", f"QEMU exited (status {qemu_rc}) before the kernel reached /init"
+    if timed_out:
+        # a slow good kernel and a hung bad one look the same from here: do not guess
+        return SKIP, "timeout", "the overall timeout expired while the cases ran"
+    return crash, "crash", f"the guest died (QEMU status {qemu_rc}) after boot, before a verdict: panic or reset"
+
+
+def nested_available() -> str | None:
+    """None if this host's KVM can run a guest that itself offers /dev/kvm, else why not."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "no usable /dev/kvm on the host"
+    if backend.is_kvm_pvm():
+        return "the host's KVM is kvm_pvm, which cannot accelerate QEMU (FIELD-NOTES)"
+    for mod in ("kvm_amd", "kvm_intel"):
+        val = backend.module_param(mod, "nested")
+        if val is not None:
+            return None if val in ("1", "Y", "y") else f"{mod} nested={val}: the guest would have no /dev/kvm"
+    return "no kvm_amd/kvm_intel on the host"
+
+
+def choose_accel(requested: str, why_not_kvm: str | None) -> tuple[str, str]:
+    """("kvm"|"tcg", why). auto takes KVM only when nested virtualization is on offer."""
+    if requested in ("kvm", "tcg"):
+        return requested, "requested"
+    if why_not_kvm is None:
+        return "kvm", "the host's KVM offers nested virtualization"
+    return "tcg", f"TCG with -cpu max (nested SVM emulated): {why_not_kvm}"
+
+
+def default_cpus(accel: str) -> int:
+    """One vCPU under TCG: QEMU 7.2 runs TCG vCPUs round-robin on one thread, so a second one adds
+    no parallelism, halves the speed (55 s vs 26 s for the same cases here) and, on a loaded host,
+    about one run in four lost a wakeup and sat with a runnable task on an idle CPU until the
+    timeout (RCU stall, soft lockup in swapper). KVM vCPUs are real threads: two."""
+    return 1 if accel == "tcg" else 2
+
+
+def kernel_config(kernel: Path) -> dict[str, str]:
+    """The kernel's .config when it sits where builds and packages put it (a build tree's root,
+    /boot/config-VER next to vmlinuz-VER); empty when unknown."""
+    candidates = []
+    name = kernel.name
+    if name.startswith(("vmlinuz-", "vmlinux-")):
+        candidates.append(kernel.with_name("config-" + name.split("-", 1)[1]))
+    for up in kernel.parents[:4]:  # the image's dir up to a tree's root (arch/x86/boot/)
+        candidates.append(up / ".config")
+    for c in candidates:
+        if c.is_file():
+            cfg = {}
+            for line in c.read_text(errors="replace").splitlines():
+                if line.startswith("CONFIG_") and "=" in line:
+                    k, v = line.split("=", 1)
+                    cfg[k] = v
+                elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+                    cfg[line[2:].split()[0]] = "n"
+            return cfg
+    return {}
+
+
+def choose_machine(requested: str, config: dict[str, str]) -> str:
+    """microvm (fast: qboot, no PCI; boots a PVH vmlinux or a bzImage) unless the kernel's config
+    says it has no virtio-mmio, microvm's only virtio transport: then q35 and virtio-pci."""
+    if requested != "auto":
+        return requested
+    if config and config.get("CONFIG_VIRTIO_MMIO", "n") == "n":
+        return "q35"
+    return "microvm"
+
+
+def default_modules_dir(kernel: Path) -> Path | None:
+    """Where the kernel's modules usually are: lib/modules/VER beside boot/vmlinuz-VER (a distribution
+    package unpacked with dpkg-deb), or the build tree holding the image (modules.order at its root)."""
+    if kernel.name.startswith(("vmlinuz-", "vmlinux-")):
+        ver = kernel.name.split("-", 1)[1]
+        for root in (kernel.parent.parent, kernel.parent.parent / "usr"):
+            d = root / "lib" / "modules" / ver
+            if d.is_dir():
+                return d
+    for up in kernel.parents[:4]:  # the image's dir up to a tree's root (arch/x86/boot/)
+        if (up / "modules.order").is_file():
+            return up
+    return None
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency, which is the guest's under TCG (QEMU's rdtsc reads the host TSC)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/tsc_freq_khz") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(16384)
+    except OSError:
+        return None
+    flags = re.search(r"^flags\s*:(.*)$", info, re.M)
+    mhz = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", info, re.M)
+    if not (flags and mhz and "constant_tsc" in flags.group(1).split()):
+        return None  # with a variable TSC "cpu MHz" says nothing about it
+    return round(float(mhz.group(1)) * 1000)
+
+
+def host_phys_bits() -> int | None:
+    """The host CPU's MAXPHYADDR: TCG's -cpu max says 40 unless told, and cases parametrized on the
+    host's address width (GPAs up to 2^48) would then fail inside for want of address bits."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^address sizes\s*:\s*(\d+) bits physical", f.read(16384), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def kernel_cmdline(accel: str, append: str, tsc_khz: int | None) -> str:
+    # panic=-1, reboot=t: a panic or our reboot resets the guest, and -no-reboot ends QEMU
+    parts = ["console=ttyS0 panic=-1 reboot=t loglevel=4"]
+    if accel == "tcg" and tsc_khz:
+        # Under TCG on a loaded host the kernel's PIT calibration of the TSC fails (microvm has no
+        # HPET/PM timer to fall back on) and boot stalls for minutes: tell it the frequency instead.
+        parts.append(f"tsc_early_khz={tsc_khz} tsc=reliable")
+    if append:
+        parts.append(append)
+    return " ".join(parts)
+
+
+def qemu_command(*, qemu: str, accel: str, machine: str, kernel: Path, initrd: Path, cpus: int, mem: str,
+                 cmdline: str, phys_bits: int | None = None, share: str = "/") -> list[str]:
+    if not _MEM.match(mem):
+        raise ValueError(f"--mem {mem!r}: a size like 2G or 1536M")
+    if cpus < 1:
+        raise ValueError("--cpus must be at least 1")
+    cmd = [qemu, "-M", machine, "-m", mem, "-smp", str(cpus), "-nodefaults", "-no-user-config",
+           "-display", "none", "-no-reboot", "-serial", "stdio",
+           "-kernel", str(kernel), "-initrd", str(initrd),
+           "-append", cmdline,
+           # the host root, read-only; remap: / spans several filesystems (inode numbers would collide)
+           "-fsdev", f"local,id=hostroot,path={share},security_model=none,readonly=on,multidevs=remap",
+           "-device", ("virtio-9p-device" if machine == "microvm" else "virtio-9p-pci")
+           + ",fsdev=hostroot,mount_tag=hostroot"]
+    if accel == "kvm":
+        cmd += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        # max: SVM, so the guest's kvm_amd loads; phys-bits: the host's MAXPHYADDR (TCG accepts 32..52)
+        cmd += ["-accel", "tcg", "-cpu", f"max,phys-bits={phys_bits}" if phys_bits else "max"]
+    return cmd
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+def _reader(stream, name: str, q: queue.Queue) -> None:
+    fd = stream.fileno()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            chunk = b""
+        q.put((name, chunk))
+        if not chunk:
+            return
+
+
+def _say(out: TextIO, msg: str) -> None:
+    out.write(f"kernel-runner: {msg}\n")
+    out.flush()
+
+
+def _prepare_kernel(cfg: RunConfig, tmp: Path, out: TextIO) -> image.KernelImage:
+    img = image.identify(cfg.kernel)
+    if img.kind == "bzimage":
+        t = time.monotonic()
+        ext = image.extract_vmlinux(img.path, tmp / "vmlinux")
+        if ext:
+            _say(out, f"{cfg.kernel}: bzImage; booting its vmlinux (PVH entry, extracted in "
+                      f"{time.monotonic() - t:.1f} s) so the guest skips decompressing itself")
+            return ext
+        _say(out, f"{cfg.kernel}: bzImage (payload not extractable to a PVH vmlinux here): booting it as is")
+    elif img.kind == "elf" and not img.pvh:
+        _say(out, f"{cfg.kernel}: vmlinux without the PVH entry note (CONFIG_PVH=n): QEMU will refuse it; "
+                  "build with CONFIG_PVH=y or pass arch/x86/boot/bzImage")
+    else:
+        _say(out, f"{cfg.kernel}: {img.describe}")
+    return img
+
+
+def run(cfg: RunConfig, out: TextIO | None = None) -> RunResult:
+    out = out or sys.stdout
+    t0 = time.monotonic()
+    if not cfg.kernel.is_file():  # e.g. the build step made none: this commit cannot boot
+        return RunResult(cfg.boot_failure, "boot-failure", f"{cfg.kernel}: no such kernel image")
+    if not shutil.which(cfg.qemu):
+        return RunResult(SKIP, "setup", f"{cfg.qemu} not found (apt-get install qemu-system-x86)")
+    busybox = initramfs.find_busybox()
+    if not busybox:
+        return RunResult(SKIP, "setup", "no busybox (apt-get install busybox-static)")
+    mods_dir = cfg.modules or default_modules_dir(cfg.kernel)
+    with _terminate_as_exit():
+        res = _run_in(cfg, out, mods_dir, busybox, t0)
+    res.total_seconds = time.monotonic() - t0
+    return res
+
+
+def _run_in(cfg: RunConfig, out: TextIO, mods_dir: Path | None, busybox: str, t0: float) -> RunResult:
+    tmp = Path(tempfile.mkdtemp(prefix="kvm-harness-kernel-"))
+    try:
+        img = _prepare_kernel(cfg, tmp, out)
+        modules = ModuleTree.scan(mods_dir) if mods_dir else None
+        nonce = secrets.token_hex(8)
+        env = {k: v for k, v in os.environ.items() if k.startswith("KVM_HARNESS_")}
+        spec = initramfs.GuestSpec(cfg.pytest_args, cfg.cwd, cfg.python, nonce, env)
+        loads = initramfs.build(tmp / "initramfs.cpio", spec, modules, busybox)
+        _say(out, f"modules from {mods_dir or '(none: all built in?)'}: "
+                  f"{' '.join(loads['base']) or '-'} | amd: {' '.join(loads['amd']) or '-'} "
+                  f"| intel: {' '.join(loads['intel']) or '-'}")
+        accel, why = choose_accel(cfg.accel, nested_available() if cfg.accel == "auto" else None)
+        machine = choose_machine(cfg.machine, kernel_config(cfg.kernel))
+        cpus = cfg.cpus or default_cpus(accel)
+        cmd = qemu_command(qemu=cfg.qemu, accel=accel, machine=machine, kernel=img.path,
+                           initrd=tmp / "initramfs.cpio", cpus=cpus, mem=cfg.mem,
+                           cmdline=kernel_cmdline(accel, cfg.append, host_tsc_khz()), phys_bits=host_phys_bits())
+        _say(out, f"accel {accel} ({why}), machine {machine}, {cpus} cpus, {cfg.mem}; "
+                  f"boot timeout {cfg.boot_timeout:g} s, overall {cfg.timeout:g} s")
+        res = _boot(cmd, nonce, cfg, out, t0)
+    except (OSError, ValueError, ModuleError) as e:
+        res = RunResult(SKIP, "setup", f"cannot prepare the guest: {e}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def _boot(cmd: list[str], nonce: str, cfg: RunConfig, out: TextIO, t0: float) -> RunResult:
+    tail: collections.deque[str] = collections.deque(maxlen=cfg.tail_lines)
+    stderr_tail: collections.deque[str] = collections.deque(maxlen=cfg.tail_lines)
+    progress = GuestProgress()
+    boot_s: float | None = None
+    timed_out = False
+    q: queue.Queue = queue.Queue()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_die_with_parent)
+    try:
+        threads = [threading.Thread(target=_reader, args=(s, n, q), daemon=True)
+                   for s, n in ((proc.stdout, "out"), (proc.stderr, "err"))]
+        for t in threads:
+            t.start()
+        partial = {"out": "", "err": ""}
+        open_streams = 2
+        start = time.monotonic()
+        done_at: float | None = None
+        last_word = ""
+        while open_streams:
+            now = time.monotonic()
+            if done_at is None and (progress.result is not None or progress.exit_rc is not None):
+                done_at = now  # the answer is in: give the guest a moment to power off, then stop
+            if done_at is not None and now - done_at > cfg.grace:
+                break
+            if done_at is None and not progress.booted and now - start > cfg.boot_timeout:
+                timed_out = True
+                break
+            if done_at is None and now - start > cfg.timeout:
+                timed_out = True
+                break
+            try:
+                name, chunk = q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if not chunk:
+                open_streams -= 1
+                continue
+            text = chunk.decode(errors="replace")
+            if name == "out":
+                out.write(text.replace("\r", ""))
+                out.flush()
+            lines = (partial[name] + text).split("\n")
+            partial[name] = lines.pop()
+            for line in lines:
+                line = line.rstrip("\r")
+                (tail if name == "out" else stderr_tail).append(line)
+                if name != "out":
+                    continue
+                s = parse_sentinel(line, nonce)
+                if s is None:
+                    if line.startswith(("bisect:", "kernel-runner(guest):")):
+                        last_word = line  # the guest's own summary, for the closing line
+                    continue
+                kind, num = s
+                if kind == "BOOTED" and not progress.booted:
+                    progress.booted = True
+                    boot_s = time.monotonic() - start
+                    _say(out, f"guest reached /init {boot_s:.1f} s after QEMU started")
+                elif kind == "RESULT":
+                    progress.result = num
+                    progress.why = last_word
+                elif kind == "EXIT":
+                    progress.exit_rc = num
+        for name, rest in partial.items():
+            if rest.strip():
+                (tail if name == "out" else stderr_tail).append(rest.rstrip("\r"))
+    finally:
+        qemu_rc = _stop(proc)
+    code, outcome, reason = verdict(progress, qemu_rc=qemu_rc, timed_out=timed_out, boot_failure=cfg.boot_failure,
+                                    crash=cfg.crash, killed=any("terminating on signal" in e for e in stderr_tail))
+    return RunResult(code, outcome, reason, boot_s, time.monotonic() - t0, list(tail), "\n".join(stderr_tail))
+
+
+def _die_with_parent() -> None:
+    """In QEMU's child before exec: SIGKILL it if we die without reaching our finally (SIGKILL, OOM)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM/SIGHUP (make or git bisect interrupted) become SystemExit, so the finally blocks kill
+    QEMU and remove the temporary files; only in the main thread, where handlers can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _stop(proc: subprocess.Popen) -> int | None:
+    """QEMU's exit status if it ended by itself, else kill it by its pid and reap it."""
+    try:
+        return proc.wait(timeout=0.5)
+    except subprocess.TimeoutExpired:
+        pass
+    proc.kill()  # SIGKILL to this pid only
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    for s in (proc.stdout, proc.stderr):
+        if s:
+            s.close()
+    return None
+
+
+def report(res: RunResult, out: TextIO) -> None:
+    """The closing lines: the verdict, and for anything but a verdict the console's last lines."""
+    word = {GOOD: "good", BAD: "bad", SKIP: "cannot test (skip)"}.get(res.code, "?")
+    if res.outcome not in ("verdict",):
+        _say(out, f"{res.outcome}: {res.reason}")
+        if res.console_tail:
+            _say(out, f"last {len(res.console_tail)} console lines:")
+            for line in res.console_tail:
+                out.write(f"  | {line}\n")
+        elif res.outcome != "setup":
+            _say(out, "the console stayed empty")
+        if res.qemu_stderr.strip():
+            _say(out, "QEMU stderr:")
+            for line in res.qemu_stderr.splitlines():
+                out.write(f"  ! {line}\n")
+    boot = f"boot {res.boot_seconds:.1f} s, " if res.boot_seconds is not None else ""
+    _say(out, f"{res.reason} -> {word}, exit {res.code} ({boot}total {res.total_seconds:.1f} s)")
+    out.flush()
