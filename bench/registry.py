@@ -20,10 +20,13 @@ class Bench:
     label: str  # human name, used in the ratio line
     c_cmd: Callable[[int], list[str]]  # argv of the C baseline for `count` operations
     c_rate_key: str  # key of the ops/s value in the C program's JSON line
-    py: Callable[[int], float]  # runs `count` operations through the harness, returns ops/s
+    # runs `count` operations through the harness, returns ops/s, or a dict with c_rate_key and the
+    # secondary keys
+    py: Callable[[int], float | dict[str, float]]
     count_option: str  # CLI option (without "--") giving the operation count, e.g. "exits"
     default_count: int
     target: float  # minimum acceptable harness/C ratio
+    secondary: tuple[str, ...] = ()  # other rates both sides report (printed with their ratio)
 
 
 BENCHES: dict[str, Bench] = {}
