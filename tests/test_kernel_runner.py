@@ -489,3 +489,14 @@ def test_real_panic_at_boot_is_a_boot_failure_with_console_tail():
     assert (res.code, res.outcome) == (SKIP, "boot-failure")
     assert any("Kernel panic" in line for line in res.console_tail)
     assert "last " in out and "console lines:" in out
+
+
+def test_init_carries_a_project_under_tmp_over_the_guest_tmpfs():
+    # CI clones into /tmp; the guest's own tmpfs /tmp would hide the project and its venv
+    from harness.qemu.initramfs import GuestSpec, render_init
+
+    under = render_init(GuestSpec(["x"], "/tmp/ci", "/tmp/ci/.venv/bin/python", "n"), [], [], [])
+    assert "KEEP=/tmp/ci\n" in under and 'mount -o bind /rw/keep "$R$KEEP"' in under
+    assert under.index('mount -o bind "$R$KEEP" /rw/keep') < under.index("mount -t tmpfs tmpfs $R/tmp")
+    elsewhere = render_init(GuestSpec(["x"], "/work/main", "/work/main/.venv/bin/python", "n"), [], [], [])
+    assert 'KEEP=""\n' in elsewhere

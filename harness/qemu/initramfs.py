@@ -68,9 +68,13 @@ mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
 # the guest's own /tmp and /var/tmp: the host's would show the host harness's live mounts and
-# scratch files, which this guest's harness would take for leftovers of dead runs
+# scratch files, which this guest's harness would take for leftovers of dead runs. A project
+# checked out under them (CI clones into /tmp) is carried over the new tmpfs by a bind mount.
+KEEP={keep}
+if [ -n "$KEEP" ]; then mkdir -p /rw/keep && mount -o bind "$R$KEEP" /rw/keep; fi
 mount -t tmpfs tmpfs $R/tmp
 mount -t tmpfs tmpfs $R/var/tmp
+if [ -n "$KEEP" ]; then mkdir -p "$R$KEEP" && mount -o bind /rw/keep "$R$KEEP"; fi
 mount -t tmpfs tmpfs $R/run 2>/dev/null
 mkdir -p $R/dev/shm $R/tmp/kh && mount -t tmpfs tmpfs $R/dev/shm
 cp /kh/args.json $R/tmp/kh/args.json
@@ -97,8 +101,9 @@ def render_init(spec: GuestSpec, base: list[str], amd: list[str], intel: list[st
     def words(mods: list[str]) -> str:
         return " ".join(shlex.quote(m) for m in mods) or ":"  # `load :` loads nothing
 
+    keep = next((spec.cwd for top in ("/tmp/", "/var/tmp/") if (spec.cwd + "/").startswith(top)), "")
     return INIT_TEMPLATE.format(nonce=spec.nonce, base=words(base), amd=words(amd), intel=words(intel),
-                                python=shlex.quote(spec.python))
+                                python=shlex.quote(spec.python), keep=shlex.quote(keep) if keep else '""')
 
 
 def find_busybox() -> str | None:
