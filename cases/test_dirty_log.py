@@ -37,6 +37,7 @@ from harness.errors import KvmError
 from harness.exits import DirtyRingFull
 from harness.health.kmsg import KmsgReader, find_splats
 from harness.memory import PAGE_1G, PAGE_2M, Feature
+from harness.race.plugin import race_seconds, race_seed
 from harness.ucall import DONE, SYNC
 from harness.x86.guestvm import GuestVm
 
@@ -324,16 +325,6 @@ def test_dirty_ring_never_overflows(make_writer, kmsg, record_property):
 
 
 # ---- concurrent writer: nothing lost ---------------------------------------------------------------
-def _race_seconds(request) -> float:
-    s = request.config.getoption("--race-seconds", default=None)
-    return 1.0 if s is None else float(s)
-
-
-def _race_seed(request) -> int:
-    s = request.config.getoption("--race-seed", default=None)
-    return random.randrange(1 << 32) if s is None else int(s)
-
-
 @pytest.mark.requires_cap(Cap.DIRTY_LOG_RING, 4096)
 @pytest.mark.requires_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2)
 @pytest.mark.parametrize("kind", ["anon", "shmem", "anon-thp"])
@@ -344,8 +335,8 @@ def test_dirty_concurrent_no_loss(make_writer, kmsg, request, record_property, m
     or GET_DIRTY_LOG, or GET + CLEAR_DIRTY_LOG) and only then copies them. After the guest stops
     and a final collection, the copy must equal guest memory: any page that differs had a write
     whose dirty bit was lost."""
-    seed = _race_seed(request)
-    seconds = _race_seconds(request)
+    seed = race_seed(request.config)
+    seconds = race_seconds(request.config)
     ring_entries = RING_ENTRIES if method == "ring" else 0
     w = make_writer(kind, ring=ring_entries, manual=1 if method == "manual-clear" else 0,
                     seed=f"{method}/{kind}/{seed}")

@@ -34,6 +34,7 @@ from harness.caps import Cap
 from harness.errors import KvmError
 from harness.health.kmsg import KmsgReader, find_splats
 from harness.memory import PAGE_1G, PAGE_4K, Feature
+from harness.race.plugin import race_seconds, race_seed
 from harness.ucall import DONE, SYNC
 from harness.x86.guestvm import GuestVm
 from harness.x86.kvmclock import (
@@ -387,16 +388,6 @@ def test_kvmclock_after_invalidation(kvm, clock_setup, kmsg, record_property, ki
 
 
 # ---- races ----------------------------------------------------------------------------------------
-def _race_seconds(request) -> float:
-    v = request.config.getoption("--race-seconds", default=None)
-    return 0.8 if v is None else float(v)
-
-
-def _race_seed(request) -> int:
-    v = request.config.getoption("--race-seed", default=None)
-    return random.randrange(1 << 32) if v is None else int(v)
-
-
 class Swapper:
     """Replaces the unit's host mapping with fresh memory over and over, keeping every old unit
     alive in a pool and checking, when a pool entry is reused and at the end, that nothing wrote
@@ -469,8 +460,8 @@ def test_kvmclock_race(kvm, clock_setup, kmsg, request, record_property, kind, m
     """A host thread invalidates the pvclock unit over and over (punch, or swap in fresh memory
     keeping the old) while the vCPU rewrites MSR_KVM_SYSTEM_TIME_NEW in a loop, each write one
     clock update through the pfncache. Then one clean update must land in the page mapped now."""
-    seed = _race_seed(request)
-    seconds = _race_seconds(request)
+    seed = race_seed(request.config)
+    seconds = race_seconds(request.config, 0.8)
     s = clock_setup(kind)
     if memory.kind(kind).supports(Feature.HUGETLB):
         # swap: the pool needs POOL units. punch: a punched hugetlb page gives its reservation

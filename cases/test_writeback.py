@@ -31,6 +31,7 @@ from harness.exits import MemoryFault, Mmio
 from harness.health.kmsg import KmsgReader, find_splats
 from harness.memory.loopfs import DiskReadUnavailable, block_device, read_odirect, read_on_disk
 from harness.memory.memtouch import MemTouch, host_fill
+from harness.race.plugin import race_seconds
 
 SLOT = 1
 GPA = 1 << 40
@@ -95,11 +96,6 @@ def test_writeback_after_sync(memtouch, backings, kmsg, kind, sync):
     assert_no_splat(kmsg, f"{kind}/{sync}")
 
 
-def _race_seconds(request) -> float:
-    v = request.config.getoption("--race-seconds", default=None)
-    return 1.0 if v is None else float(v)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_writeback_race(memtouch, backings, kmsg, request, record_property, kind):
     """While the guest writes round after round, a host thread keeps calling fsync, msync(MS_ASYNC)
@@ -107,7 +103,7 @@ def test_writeback_race(memtouch, backings, kmsg, request, record_property, kind
     that round's words everywhere: nothing the guest wrote is lost to a racing write-back/reclaim."""
     seed_opt = request.config.getoption("--race-seed", default=None)
     seed = random.randrange(1 << 32) if seed_opt is None else int(seed_opt)
-    seconds = _race_seconds(request)
+    seconds = race_seconds(request.config)
     b, gva = _setup(memtouch, backings, kind)
     rng = random.Random(seed)
     stop = threading.Event()

@@ -67,6 +67,11 @@ class Vcpu:
         WATCHDOG.register(self)
 
     # ---- running -------------------------------------------------------------------------------
+    @property
+    def in_run(self) -> bool:
+        """A thread is inside (or entering) this vCPU's KVM_RUN now; races measure overlap with it."""
+        return self._tid != 0
+
     def run(self) -> Exit:
         """One KVM_RUN; returns the decoded exit (Intr after a signal). Bounded by the watchdog."""
         if self._expired is not None:

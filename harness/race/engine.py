@@ -425,8 +425,8 @@ class Race:
         return -(-off // s), -(-(off + length) // s)
 
     def in_run(self) -> bool:
-        """A vCPU is inside KVM_RUN now (Vcpu.run sets _tid around the call)."""
-        return any(v._tid for v in self._vcpus)
+        """A vCPU is inside KVM_RUN now."""
+        return any(v.in_run for v in self._vcpus)
 
     def mark(self, off: int, length: int) -> None:
         """Seqlock odd for the pages of [off, off+length): the host is about to change them."""
@@ -707,7 +707,7 @@ class Race:
         stack = _proc_task(st.native_tid, "stack")
         wchan = _proc_task(st.native_tid, "wchan")
         state = _proc_task(st.native_tid, "stat").split(") ")[-1][:1] if st.native_tid else "?"
-        in_run = bool(v._tid)
+        in_run = v.in_run
         st.diag_event.clear()
         st.diag_requested = True
         v.kick()
@@ -897,7 +897,7 @@ class Race:
             t.join(5.0)
             if t.is_alive() and self.vm is not None:
                 for v in self.vm.vcpus:
-                    if v._tid:
+                    if v.in_run:
                         WATCHDOG.expire(v, "race: closing")
                 t.join(5.0)
         alive = [t.name for t in self._threads if t.is_alive()]

@@ -57,8 +57,14 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return None
 
 
-def race_seconds(config: pytest.Config) -> float:
-    return config.getoption("--race-seconds") or DEFAULT_SECONDS
+def race_seconds(config: pytest.Config, default: float = DEFAULT_SECONDS) -> float:
+    """How long a race case runs: --race-seconds, else the case's short default."""
+    return config.getoption("--race-seconds") or default
+
+
+def race_seed(config: pytest.Config) -> int:
+    """The session's race seed: --race-seed, else one drawn at start and shown in the header."""
+    return config._race_seed  # type: ignore[attr-defined]
 
 
 def rerun_command(request: pytest.FixtureRequest, seed: int) -> str:
