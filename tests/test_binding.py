@@ -1,6 +1,8 @@
 """The binding's layouts and ioctl numbers against the kernel's uapi (values pinned by hand from
 include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h)."""
 
+import struct
+
 import pytest
 
 from harness._kvm_cffi import ffi
@@ -145,3 +147,21 @@ def test_vcpu_mmap_page_offsets():
     from harness.caps import KVM_COALESCED_MMIO_PAGE_OFFSET, KVM_PIO_PAGE_OFFSET
 
     assert (KVM_PIO_PAGE_OFFSET, KVM_COALESCED_MMIO_PAGE_OFFSET) == (1, 2)
+
+
+def test_vcpu_fast_io_decode_matches_kvm_run_layout():
+    # Vcpu.run() unpacks the PIO exit with a struct.Struct instead of cffi field reads
+    from harness.vcpu import KVM_RUN_IO_HEAD
+
+    base = ffi.offsetof("struct kvm_run", "io")
+    io = ffi.new("struct kvm_run *").io
+    want = [ffi.offsetof("struct kvm_run", "exit_reason")] + [
+        base + ffi.offsetof(ffi.typeof(io), f) for f in ("direction", "size", "port", "count", "data_offset")]
+    have, pos = [], 0
+    for code in ("8x", "I", "20x", "B", "B", "H", "I", "Q"):
+        if code.endswith("x"):
+            pos += int(code[:-1])
+            continue
+        have.append(pos)
+        pos += struct.calcsize("<" + code)
+    assert have == want and KVM_RUN_IO_HEAD.size == pos
