@@ -35,7 +35,7 @@ from harness.dirty import (
 )
 from harness.errors import KvmError
 from harness.exits import DirtyRingFull
-from harness.health.kmsg import KmsgReader, find_splats
+from harness.health.kmsg import assert_no_splats
 from harness.memory import PAGE_1G, PAGE_2M, Feature
 from harness.race.plugin import race_seconds, race_seed
 from harness.ucall import DONE, SYNC
@@ -87,18 +87,6 @@ class Writer:
 def _kind_size(kind: str) -> int:
     page = memory.kind(kind).page_size
     return page if page == PAGE_1G else max(4 << 20, 2 * page)
-
-
-@pytest.fixture
-def kmsg() -> Iterator[KmsgReader]:
-    r = KmsgReader()
-    yield r
-    r.close()
-
-
-def assert_no_splat(kmsg: KmsgReader, what: str) -> None:
-    splats = find_splats(kmsg.drain())
-    assert not splats, f"{what}: kernel splat(s): " + "; ".join(f"{k}: {rec.text}" for k, rec in splats)
 
 
 @pytest.fixture
@@ -187,7 +175,7 @@ def test_dirty_log_exact(make_writer, kmsg, kind, method):
     for p, rnd in last.items():
         have = int.from_bytes(w.backing.read(p * PAGE + word_offset(p), 8), "little")
         assert have == dirty_value(rnd, p), f"page {p}: {have:#x}, the guest wrote {dirty_value(rnd, p):#x}"
-    assert_no_splat(kmsg, w.where())
+    assert_no_splats(kmsg, w.where())
 
 
 def _huge_kinds() -> list[str]:
@@ -224,7 +212,7 @@ def test_dirty_log_huge_split(make_writer, kmsg, kind, method):
         assert v.ok, "\n".join(v.problems()) + f"\n({w.where()})"
         vm.set_memslot_flags(SLOT, 0)
         w.write(pages[:50], 20 + cycle)  # written with logging off: must not show up later
-    assert_no_splat(kmsg, w.where())
+    assert_no_splats(kmsg, w.where())
 
 
 # ---- the dirty ring --------------------------------------------------------------------------------
@@ -263,7 +251,7 @@ def test_dirty_ring_order(make_writer, kvm, kmsg, record_property, kind, acq_rel
             assert ring.harvest() == [], "entries appeared with the guest stopped"
     finally:
         ring.close()
-    assert_no_splat(kmsg, w.where())
+    assert_no_splats(kmsg, w.where())
 
 
 class RingDesync(AssertionError):
@@ -321,7 +309,7 @@ def test_dirty_ring_never_overflows(make_writer, kmsg, record_property):
         record_property("max_harvest", max(sizes, default=0))
     assert len(sizes) >= passes * len(pages) // entries, \
         f"only {len(sizes)} ring-full exits for {passes * len(pages)} writes"
-    assert_no_splat(kmsg, w.where())
+    assert_no_splats(kmsg, w.where())
 
 
 # ---- concurrent writer: nothing lost ---------------------------------------------------------------
@@ -429,7 +417,7 @@ def test_dirty_concurrent_no_loss(make_writer, kmsg, request, record_property, m
                                          f" rerun with --race-seed={seed})"
     extra = reported - written
     assert not extra and not order_bad, f"reported pages the guest never wrote: {sorted(extra)[:10]} {order_bad}"
-    assert_no_splat(kmsg, w.where())
+    assert_no_splats(kmsg, w.where())
     vm.write_u64(w.desc, 0)
     assert vm.vcpu.run_until_ucall().cmd == DONE
 

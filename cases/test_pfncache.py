@@ -32,7 +32,7 @@ import pytest
 from harness import hostmem, memory
 from harness.caps import Cap
 from harness.errors import KvmError
-from harness.health.kmsg import KmsgReader, find_splats
+from harness.health.kmsg import assert_no_splats
 from harness.memory import PAGE_1G, PAGE_4K, Feature
 from harness.race.plugin import race_seconds, race_seed
 from harness.ucall import DONE, SYNC
@@ -93,18 +93,6 @@ class Clock:
     def done(self) -> None:
         self.vm.write(self.desc, bytes(56))
         assert self.vm.vcpu.run_until_ucall().cmd == DONE
-
-
-@pytest.fixture
-def kmsg() -> Iterator[KmsgReader]:
-    r = KmsgReader()
-    yield r
-    r.close()
-
-
-def assert_no_splat(kmsg: KmsgReader, what: str) -> None:
-    splats = find_splats(kmsg.drain())
-    assert not splats, f"{what}: kernel splat(s): " + "; ".join(f"{k}: {rec.text}" for k, rec in splats)
 
 
 # ---- invalidations ------------------------------------------------------------------------------------
@@ -384,7 +372,7 @@ def test_kvmclock_after_invalidation(kvm, clock_setup, kmsg, record_property, ki
         r = _check_round(s, c, method, trigger, rnd, ctrl_ok)
         record_property(f"{trigger}_updated", r["updated"])
     c.done()
-    assert_no_splat(kmsg, f"{kind}/{method}")
+    assert_no_splats(kmsg, f"{kind}/{method}")
 
 
 # ---- races ----------------------------------------------------------------------------------------
@@ -542,7 +530,7 @@ def test_kvmclock_race(kvm, clock_setup, kmsg, request, record_property, kind, m
         probs.append(f"the guest read version {gv}, the page mapped now holds {host_view.version} (seeded {seed_v})")
     assert not probs, f"{where}: after the race: {probs}"
     c.done()
-    assert_no_splat(kmsg, where)
+    assert_no_splats(kmsg, where)
 
 
 # ---- Xen shared_info / vcpu_info --------------------------------------------------------------------

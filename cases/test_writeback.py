@@ -20,7 +20,6 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -28,7 +27,7 @@ from harness import backend, hostmem
 from harness.dirty import disk_problems
 from harness.errors import KvmError
 from harness.exits import MemoryFault, Mmio
-from harness.health.kmsg import KmsgReader, find_splats
+from harness.health.kmsg import assert_no_splats
 from harness.memory.loopfs import DiskReadUnavailable, block_device, read_odirect, read_on_disk
 from harness.memory.memtouch import MemTouch, host_fill
 from harness.race.plugin import race_seconds
@@ -38,18 +37,6 @@ GPA = 1 << 40
 SIZE = 4 << 20
 STRIDE = 512  # 8 words per 4 KiB page
 KINDS = ["file", "file-hostfs"]
-
-
-@pytest.fixture
-def kmsg() -> Iterator[KmsgReader]:
-    r = KmsgReader()
-    yield r
-    r.close()
-
-
-def assert_no_splat(kmsg: KmsgReader, what: str) -> None:
-    splats = find_splats(kmsg.drain())
-    assert not splats, f"{what}: kernel splat(s): " + "; ".join(f"{k}: {rec.text}" for k, rec in splats)
 
 
 def _setup(memtouch: MemTouch, backings, kind: str, size: int = SIZE):
@@ -93,7 +80,7 @@ def test_writeback_after_sync(memtouch, backings, kmsg, kind, sync):
         probs = disk_check(b, pattern, f"round {rnd} after {sync}")
         assert not probs, "\n".join(probs) + f"\n({b.describe()}, pattern {pattern:#x})"
     memtouch.done()
-    assert_no_splat(kmsg, f"{kind}/{sync}")
+    assert_no_splats(kmsg, f"{kind}/{sync}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -148,7 +135,7 @@ def test_writeback_race(memtouch, backings, kmsg, request, record_property, kind
     record_property("racer_ops", str(ops))
     assert ops["pageout"] and ops["fsync"], f"the racer did not run: {ops}"
     memtouch.done()
-    assert_no_splat(kmsg, f"{kind} race, seed {seed}")
+    assert_no_splats(kmsg, f"{kind} race, seed {seed}")
 
 
 class _Faulted(Exception):
@@ -243,7 +230,7 @@ def test_truncate_under_guest(memtouch, backings, kmsg, record_property, kind):
     high = memtouch.read(gva + half, half, 4096)
     assert (high.bad, high.first) == (0, None), f"regrown upper half: {high.bad} non-zero words (stale data)"
     memtouch.done()
-    assert_no_splat(kmsg, f"{kind} truncate ({how} at {gpa:#x})")
+    assert_no_splats(kmsg, f"{kind} truncate ({how} at {gpa:#x})")
 
 
 def test_file_kinds_are_on_block_devices(backings):

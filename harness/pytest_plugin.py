@@ -21,6 +21,7 @@ from harness import known_issues
 from harness.caps import Cap
 from harness.failures import VcpuTimeout
 from harness.health import diagnostics, leaks
+from harness.health.kmsg import KmsgReader
 from harness.health.oracle import MODES, KmsgOracle, Window, known_splats
 from harness.kvm import Kvm
 from harness.report.pytest_ktap import HEALTH_PROPERTY, TIMEOUT_PROPERTY, KtapReporter, redirect_terminal_to_stderr
@@ -328,6 +329,14 @@ def vm(request: pytest.FixtureRequest, kvm: Kvm) -> Iterator[Vm]:
         yield v
     finally:
         v.close()
+
+
+@pytest.fixture
+def kmsg() -> Iterator[KmsgReader]:
+    """A /dev/kmsg reader positioned at the end of the log, for cases that check mid-body."""
+    r = KmsgReader()
+    yield r
+    r.close()
 
 
 @pytest.fixture
