@@ -25,16 +25,6 @@ struct dirty_desc {
 	uint64_t written;     /* cmd 2: pages written so far (incl. a partial pass) */
 };
 
-static inline void store64(uintptr_t a, uint64_t v)
-{
-#if MMIO_HAVE_64
-	mmio_write64(a, v);
-#else
-	mmio_write32(a, (uint32_t)v);
-	mmio_write32(a + 4, (uint32_t)(v >> 32));
-#endif
-}
-
 static inline uintptr_t page_word(uint64_t base, uint64_t page)
 {
 	return (uintptr_t)(base + page * 4096 + ((page * 64) & 4095));

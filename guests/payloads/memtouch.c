@@ -34,25 +34,6 @@ static inline uint64_t memtouch_word(uint64_t pattern, uint64_t off)
 	return (pattern ^ off) * MEMTOUCH_MIX;
 }
 
-static inline uint64_t load64(uintptr_t a)
-{
-#if MMIO_HAVE_64
-	return mmio_read64(a);
-#else
-	return (uint64_t)mmio_read32(a) | ((uint64_t)mmio_read32(a + 4) << 32);
-#endif
-}
-
-static inline void store64(uintptr_t a, uint64_t v)
-{
-#if MMIO_HAVE_64
-	mmio_write64(a, v);
-#else
-	mmio_write32(a, (uint32_t)v);
-	mmio_write32(a + 4, (uint32_t)(v >> 32));
-#endif
-}
-
 void guest_main(uintptr_t vcpu_id, uintptr_t arg)
 {
 	volatile struct memtouch_desc *d = (volatile struct memtouch_desc *)arg;

@@ -60,16 +60,6 @@ struct race_ctrl {             /* one page in the boot slot */
 _Static_assert(sizeof(struct race_vcpu) == 64, "race_vcpu layout");
 _Static_assert(__builtin_offsetof(struct race_ctrl, vcpu) == 128, "race_ctrl layout");
 
-static inline uint64_t load64(uintptr_t a)
-{
-	return *(volatile uint64_t *)a; /* one 8-byte mov on x86_64 (i386: two, never run) */
-}
-
-static inline void store64(uintptr_t a, uint64_t v)
-{
-	*(volatile uint64_t *)a = v;
-}
-
 void guest_main(uintptr_t vcpu_id, uintptr_t arg)
 {
 	volatile struct race_ctrl *c = (volatile struct race_ctrl *)arg;

@@ -361,6 +361,27 @@ void mmio_write64(uintptr_t a, uint64_t v)
 	__attribute__((error("mmio_write64: no single 8-byte access on i386 (see guest.h); use two mmio_write32")));
 #endif
 
+/* An 8-byte word of test memory: one 8-byte mov on x86_64 (so an MMIO exit has len 8), two 4-byte
+ * movs on i386 (low half first). */
+static inline uint64_t load64(uintptr_t a)
+{
+#if MMIO_HAVE_64
+	return mmio_read64(a);
+#else
+	return (uint64_t)mmio_read32(a) | ((uint64_t)mmio_read32(a + 4) << 32);
+#endif
+}
+
+static inline void store64(uintptr_t a, uint64_t v)
+{
+#if MMIO_HAVE_64
+	mmio_write64(a, v);
+#else
+	mmio_write32(a, (uint32_t)v);
+	mmio_write32(a + 4, (uint32_t)(v >> 32));
+#endif
+}
+
 /* ---- strings and formatting ------------------------------------------------------------------ */
 /* The symbols gcc may call on its own (a freestanding program must provide them). */
 void *memcpy(void *dst, const void *src, size_t n);
