@@ -14,30 +14,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#define BENCH_PROG "pio_exits"
+#include "bench_util.h"
+
 #define MEM_SIZE 0x10000UL
 #define CODE_GPA 0x1000UL
 #define PORT 0x80
-
-static void die(const char *what)
-{
-	fprintf(stderr, "pio_exits: %s: %s\n", what, strerror(errno));
-	exit(1);
-}
-
-static int xioctl(int fd, unsigned long req, void *arg, const char *what)
-{
-	int rc = ioctl(fd, req, arg);
-	if (rc < 0)
-		die(what);
-	return rc;
-}
-
-static double now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 int main(int argc, char **argv)
 {

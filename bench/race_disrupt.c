@@ -28,6 +28,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#define BENCH_PROG "race_disrupt"
+#include "bench_util.h"
+
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000
 #endif
@@ -38,25 +41,6 @@
 #define MAGIC 0xa5c3ULL
 #define GEN_MASK 0xfffffffULL
 #define SCHED 4096
-
-static void die(const char *what)
-{
-	fprintf(stderr, "race_disrupt: %s: %s\n", what, strerror(errno));
-	exit(1);
-}
-
-static void xioctl(int fd, unsigned long req, void *arg, const char *what)
-{
-	if (ioctl(fd, req, arg) < 0)
-		die(what);
-}
-
-static double now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static void read_file(const char *dir, const char *name, void *buf, size_t len)
 {
