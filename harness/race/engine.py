@@ -42,6 +42,7 @@ from harness.race.disruptors import DISRUPTORS, Disruptor
 from harness.stats import delta as stats_delta
 from harness.ucall import DONE, PRINTF, SYNC, UCALL_PORT, read_ucall
 from harness.watchdog import WATCHDOG
+from harness.x86 import kvmclock
 from harness.x86.guestvm import GuestVm
 
 if TYPE_CHECKING:
@@ -374,7 +375,7 @@ class Race:
                 raise RaceUnsupported(f"the kvmclock oracle needs the first page mapped and writable; "
                                       f"{', '.join(bad)} can take it away")
             for v in vm.vcpus:
-                v.set_msrs({P.MSR_KVM_SYSTEM_TIME_NEW: self.pvclock_gpa(v.id) | 1})
+                v.set_msrs({kvmclock.MSR_KVM_SYSTEM_TIME_NEW: kvmclock.enable_value(self.pvclock_gpa(v.id))})
         self.disruptors: list[Disruptor] = [c(self) for c in classes]
         for d in self.disruptors:
             d.prepare()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.x86 import kvmclock
+
 MAGIC = 0xA5C3
 GEN_BITS = 28
 PAGE_BITS = 20
@@ -178,8 +180,7 @@ def landed_writes(before: dict[int, list[int]], after: dict[int, list[int]], fir
 # kvmclock (pvclock) areas: vCPU i's struct pvclock_vcpu_time_info at this offset of the region's
 # first page (away from the tag at 0 and the vCPU words at 8..136)
 PVCLOCK_OFFSET = 0x800
-PVCLOCK_SIZE = 32
-MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+PVCLOCK_SIZE = kvmclock.PVCLOCK_SIZE
 
 
 @dataclass(frozen=True)
