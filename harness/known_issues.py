@@ -63,7 +63,7 @@ class KnownIssue:
         return True
 
     def matches(self, nodeid: str) -> bool:
-        return any(_glob(p).fullmatch(nodeid) for p in self.cases)
+        return case_matches(self.cases, nodeid)
 
     def xfail_reason(self) -> str:
         s = f"known kernel issue {self.id}: {self.reason}"
@@ -72,6 +72,11 @@ class KnownIssue:
         if self.fix:
             s += f" (fix: {self.fix})"
         return s
+
+
+def case_matches(patterns: tuple[str, ...], nodeid: str) -> bool:
+    """nodeid matches one of the node-id patterns (`*` and `?` wildcards)."""
+    return any(_glob(p).fullmatch(nodeid) for p in patterns)
 
 
 def _glob(pattern: str) -> re.Pattern[str]:

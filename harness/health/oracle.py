@@ -51,11 +51,7 @@ class KnownSplat:
     cases: tuple[str, ...]  # node-id patterns of the issue, * and ? wildcards
 
     def names(self, nodeid: str) -> bool:
-        return any(_glob(p).fullmatch(nodeid) for p in self.cases)
-
-
-def _glob(pattern: str) -> re.Pattern[str]:
-    return re.compile(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", "."))
+        return known_issues.case_matches(self.cases, nodeid)
 
 
 def known_splats(in_force_ids: set[str], path: Path) -> list[KnownSplat]:
