@@ -35,7 +35,6 @@ from harness.dirty import (
 )
 from harness.errors import KvmError
 from harness.exits import DirtyRingFull
-from harness.health.kmsg import assert_no_splats
 from harness.memory import PAGE_1G, PAGE_2M, Feature
 from harness.race.plugin import race_seconds, race_seed
 from harness.ucall import DONE, SYNC
@@ -138,7 +137,7 @@ def _log_kinds() -> list:
 
 @pytest.mark.requires_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2)
 @pytest.mark.parametrize(("kind", "method"), _log_kinds())
-def test_dirty_log_exact(make_writer, kmsg, kind, method):
+def test_dirty_log_exact(make_writer, kernel_health, kind, method):
     """Three rounds of random page sets: each GET reports exactly the pages written since the last
     clear. Classic GET clears as it reports (a second GET is empty); with manual protect the bits
     stay until KVM_CLEAR_DIRTY_LOG; with INITIALLY_SET the first GET reports every page."""
@@ -175,7 +174,7 @@ def test_dirty_log_exact(make_writer, kmsg, kind, method):
     for p, rnd in last.items():
         have = int.from_bytes(w.backing.read(p * PAGE + word_offset(p), 8), "little")
         assert have == dirty_value(rnd, p), f"page {p}: {have:#x}, the guest wrote {dirty_value(rnd, p):#x}"
-    assert_no_splats(kmsg, w.where())
+    kernel_health.assert_healthy(w.where())
 
 
 def _huge_kinds() -> list[str]:
@@ -185,7 +184,7 @@ def _huge_kinds() -> list[str]:
 @pytest.mark.requires_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2)
 @pytest.mark.parametrize("method", ["get", "manual-initially-set"])
 @pytest.mark.parametrize("kind", _huge_kinds())
-def test_dirty_log_huge_split(make_writer, kmsg, kind, method):
+def test_dirty_log_huge_split(make_writer, kernel_health, kind, method):
     """The guest touches the whole slot with logging off (2 MiB host pages, 2 MiB guest pages, so
     KVM may map huge); then logging is switched on (KVM_MR_FLAGS_ONLY) and the guest writes 4 KiB
     pages scattered over every 2 MiB page: the log is exact at 4 KiB granularity, and switching
@@ -212,7 +211,7 @@ def test_dirty_log_huge_split(make_writer, kmsg, kind, method):
         assert v.ok, "\n".join(v.problems()) + f"\n({w.where()})"
         vm.set_memslot_flags(SLOT, 0)
         w.write(pages[:50], 20 + cycle)  # written with logging off: must not show up later
-    assert_no_splats(kmsg, w.where())
+    kernel_health.assert_healthy(w.where())
 
 
 # ---- the dirty ring --------------------------------------------------------------------------------
@@ -224,7 +223,7 @@ def _ring_kinds() -> list:
 
 @pytest.mark.requires_cap(Cap.DIRTY_LOG_RING, 4096)
 @pytest.mark.parametrize(("kind", "acq_rel"), _ring_kinds())
-def test_dirty_ring_order(make_writer, kvm, kmsg, record_property, kind, acq_rel):
+def test_dirty_ring_order(make_writer, kvm, kernel_health, record_property, kind, acq_rel):
     """Each round the ring holds exactly the pages the guest wrote, in the order it first wrote
     them, all for our slot (a page rewritten while dirty may be pushed again, never more often than
     written: kvm_pvm pushes every rewrite); after KVM_RESET_DIRTY_RINGS the next round's writes are pushed again."""
@@ -251,7 +250,7 @@ def test_dirty_ring_order(make_writer, kvm, kmsg, record_property, kind, acq_rel
             assert ring.harvest() == [], "entries appeared with the guest stopped"
     finally:
         ring.close()
-    assert_no_splats(kmsg, w.where())
+    kernel_health.assert_healthy(w.where())
 
 
 class RingDesync(AssertionError):
@@ -271,7 +270,7 @@ def ring_desync_message(ring: DirtyRing, sizes: list[int]) -> str:
 
 
 @pytest.mark.requires_cap(Cap.DIRTY_LOG_RING, 4096)
-def test_dirty_ring_never_overflows(make_writer, kmsg, record_property):
+def test_dirty_ring_never_overflows(make_writer, kernel_health, record_property):
     """A 256-entry ring (the minimum: one page; soft limit 192, 64 entries reserved) filled again
     and again: each time the vCPU exits with KVM_EXIT_DIRTY_RING_FULL, the host harvests + resets
     and resumes it. KVM must exit before the reserve runs out: the ring never overflows, every
@@ -309,7 +308,7 @@ def test_dirty_ring_never_overflows(make_writer, kmsg, record_property):
         record_property("max_harvest", max(sizes, default=0))
     assert len(sizes) >= passes * len(pages) // entries, \
         f"only {len(sizes)} ring-full exits for {passes * len(pages)} writes"
-    assert_no_splats(kmsg, w.where())
+    kernel_health.assert_healthy(w.where())
 
 
 # ---- concurrent writer: nothing lost ---------------------------------------------------------------
@@ -317,7 +316,7 @@ def test_dirty_ring_never_overflows(make_writer, kmsg, record_property):
 @pytest.mark.requires_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2)
 @pytest.mark.parametrize("kind", ["anon", "shmem", "anon-thp"])
 @pytest.mark.parametrize("method", ["ring", "get", "manual-clear"])
-def test_dirty_concurrent_no_loss(make_writer, kmsg, request, record_property, method, kind):
+def test_dirty_concurrent_no_loss(make_writer, kernel_health, request, record_property, method, kind):
     """The guest rewrites a random page set round after round (each write a new value) while the
     host, like a migration, repeatedly collects the dirty pages (ring harvest + KVM_RESET_DIRTY_RINGS,
     or GET_DIRTY_LOG, or GET + CLEAR_DIRTY_LOG) and only then copies them. After the guest stops
@@ -417,7 +416,7 @@ def test_dirty_concurrent_no_loss(make_writer, kmsg, request, record_property, m
                                          f" rerun with --race-seed={seed})"
     extra = reported - written
     assert not extra and not order_bad, f"reported pages the guest never wrote: {sorted(extra)[:10]} {order_bad}"
-    assert_no_splats(kmsg, w.where())
+    kernel_health.assert_healthy(w.where())
     vm.write_u64(w.desc, 0)
     assert vm.vcpu.run_until_ucall().cmd == DONE
 

@@ -32,7 +32,6 @@ import pytest
 from harness import hostmem, memory
 from harness.caps import Cap
 from harness.errors import KvmError
-from harness.health.kmsg import assert_no_splats
 from harness.memory import PAGE_1G, PAGE_4K, Feature
 from harness.race.plugin import race_seconds, race_seed
 from harness.ucall import DONE, SYNC
@@ -357,7 +356,7 @@ def _params() -> list:
 
 @pytest.mark.parametrize(("kind", "method"), _params())
 @pytest.mark.kvm_timeout(60)
-def test_kvmclock_after_invalidation(kvm, clock_setup, kmsg, record_property, kind, method):
+def test_kvmclock_after_invalidation(kvm, clock_setup, kernel_health, record_property, kind, method):
     """For each trigger (KVM_SET_CLOCK, KVM_KVMCLOCK_CTRL, vCPU migration): invalidate the pvclock
     page, seed the page mapped now, ask for a clock update, check both pages and the guest's view."""
     s = clock_setup(kind)
@@ -372,7 +371,7 @@ def test_kvmclock_after_invalidation(kvm, clock_setup, kmsg, record_property, ki
         r = _check_round(s, c, method, trigger, rnd, ctrl_ok)
         record_property(f"{trigger}_updated", r["updated"])
     c.done()
-    assert_no_splats(kmsg, f"{kind}/{method}")
+    kernel_health.assert_healthy(f"{kind}/{method}")
 
 
 # ---- races ----------------------------------------------------------------------------------------
@@ -444,7 +443,7 @@ def _race_params() -> list:
 
 
 @pytest.mark.parametrize(("kind", "method"), _race_params())
-def test_kvmclock_race(kvm, clock_setup, kmsg, request, record_property, kind, method):
+def test_kvmclock_race(kvm, clock_setup, kernel_health, request, record_property, kind, method):
     """A host thread invalidates the pvclock unit over and over (punch, or swap in fresh memory
     keeping the old) while the vCPU rewrites MSR_KVM_SYSTEM_TIME_NEW in a loop, each write one
     clock update through the pfncache. Then one clean update must land in the page mapped now."""
@@ -530,7 +529,7 @@ def test_kvmclock_race(kvm, clock_setup, kmsg, request, record_property, kind, m
         probs.append(f"the guest read version {gv}, the page mapped now holds {host_view.version} (seeded {seed_v})")
     assert not probs, f"{where}: after the race: {probs}"
     c.done()
-    assert_no_splats(kmsg, where)
+    kernel_health.assert_healthy(where)
 
 
 # ---- Xen shared_info / vcpu_info --------------------------------------------------------------------

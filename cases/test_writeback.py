@@ -27,7 +27,6 @@ from harness import backend, hostmem
 from harness.dirty import disk_problems
 from harness.errors import KvmError
 from harness.exits import MemoryFault, Mmio
-from harness.health.kmsg import assert_no_splats
 from harness.memory.loopfs import DiskReadUnavailable, block_device, read_odirect, read_on_disk
 from harness.memory.memtouch import MemTouch, host_fill
 from harness.race.plugin import race_seconds
@@ -63,7 +62,7 @@ def disk_check(b, pattern: int, what: str, length: int = SIZE) -> list[str]:
 
 @pytest.mark.parametrize("sync", ["msync", "fsync"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_writeback_after_sync(memtouch, backings, kmsg, kind, sync):
+def test_writeback_after_sync(memtouch, backings, kernel_health, kind, sync):
     """Rounds of: guest writes a new pattern over the file; host msync(MS_SYNC) or fsync; the
     disk holds every word. The second and later rounds catch a mapping KVM kept writable after
     write-back cleaned (write-protected) the pages."""
@@ -80,11 +79,11 @@ def test_writeback_after_sync(memtouch, backings, kmsg, kind, sync):
         probs = disk_check(b, pattern, f"round {rnd} after {sync}")
         assert not probs, "\n".join(probs) + f"\n({b.describe()}, pattern {pattern:#x})"
     memtouch.done()
-    assert_no_splats(kmsg, f"{kind}/{sync}")
+    kernel_health.assert_healthy(f"{kind}/{sync}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_writeback_race(memtouch, backings, kmsg, request, record_property, kind):
+def test_writeback_race(memtouch, backings, kernel_health, request, record_property, kind):
     """While the guest writes round after round, a host thread keeps calling fsync, msync(MS_ASYNC)
     and madvise(MADV_PAGEOUT) on random ranges. After each round and an fsync the disk holds
     that round's words everywhere: nothing the guest wrote is lost to a racing write-back/reclaim."""
@@ -135,7 +134,7 @@ def test_writeback_race(memtouch, backings, kmsg, request, record_property, kind
     record_property("racer_ops", str(ops))
     assert ops["pageout"] and ops["fsync"], f"the racer did not run: {ops}"
     memtouch.done()
-    assert_no_splats(kmsg, f"{kind} race, seed {seed}")
+    kernel_health.assert_healthy(f"{kind} race, seed {seed}")
 
 
 class _Faulted(Exception):
@@ -146,7 +145,7 @@ class _Faulted(Exception):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_truncate_under_guest(memtouch, backings, kmsg, record_property, kind):
+def test_truncate_under_guest(memtouch, backings, kernel_health, record_property, kind):
     """The guest reads the upper half of the file in a loop from its own thread; the host truncates
     the file to half. The vCPU must fail on the truncated GPAs (KVM_RUN -EFAULT, with a memory-fault
     exit where the kernel gives one; kvm_pvm answers with an MMIO exit), never read the old data,
@@ -230,7 +229,7 @@ def test_truncate_under_guest(memtouch, backings, kmsg, record_property, kind):
     high = memtouch.read(gva + half, half, 4096)
     assert (high.bad, high.first) == (0, None), f"regrown upper half: {high.bad} non-zero words (stale data)"
     memtouch.done()
-    assert_no_splats(kmsg, f"{kind} truncate ({how} at {gpa:#x})")
+    kernel_health.assert_healthy(f"{kind} truncate ({how} at {gpa:#x})")
 
 
 def test_file_kinds_are_on_block_devices(backings):

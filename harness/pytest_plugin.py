@@ -20,9 +20,10 @@ import pytest
 from harness import known_issues
 from harness.caps import Cap
 from harness.failures import VcpuTimeout
+from harness.health import case as case_health
 from harness.health import diagnostics, leaks
-from harness.health.kmsg import KmsgReader
-from harness.health.oracle import MODES, KmsgOracle, Window, known_splats
+from harness.health.exclusive import KmsgLock
+from harness.health.oracle import MODES, Finding, KmsgOracle, known_splats
 from harness.kvm import Kvm
 from harness.report.pytest_ktap import HEALTH_PROPERTY, TIMEOUT_PROPERTY, KtapReporter, redirect_terminal_to_stderr
 from harness.vcpu import Vcpu
@@ -52,21 +53,30 @@ class _Health:
         wi = getattr(config, "workerinput", None)  # xdist worker: how many workers share the log
         self.workers = int(wi.get("workercount", 1)) if wi else 1
         self._oracle: KmsgOracle | None = None
+        self._lock: KmsgLock | None = None
 
     @property
     def oracle(self) -> KmsgOracle:
         if self._oracle is None:  # opened at the first case: the xdist controller never needs one
-            known = known_splats({ki.id for ki in known_issues.in_force()}, known_issues.DEFAULT_FILE)
+            known = known_splats({ki.id for ki in known_issues.in_force()}, known_issues.default_file())
             self._oracle = KmsgOracle(self.kmsg_mode, self.kmsg_dev, workers=self.workers, known=known)
         return self._oracle
+
+    @property
+    def lock(self) -> KmsgLock:
+        if self._lock is None:
+            self._lock = KmsgLock()
+        return self._lock
 
     def close(self) -> None:
         if self._oracle is not None:
             self._oracle.close()
+        if self._lock is not None:
+            self._lock.close()
 
 
 _HEALTH = pytest.StashKey[_Health]()
-_WINDOW = pytest.StashKey[Window | None]()
+_CASE = pytest.StashKey[case_health.CaseHealth | None]()
 _CALL_FAILED = pytest.StashKey[bool]()
 
 
@@ -102,6 +112,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "requires_sysfs(path, value=None): skip unless the file exists (and holds value)",
         "kvm_timeout(seconds): this test's bound on KVM_RUN instead of --kvm-timeout",
         "kmsg_accept_user: the kernel-log oracle also counts user-space records (tests that inject one)",
+        "kmsg_exclusive: the case is expected to splat: it runs with no other case beside it, so the kernel "
+        "log's records are pinned to it (set automatically for cases a known issue with a `kmsg` pattern names)",
     ):
         config.addinivalue_line("markers", line)
     config.stash[_HEALTH] = _Health(config)
@@ -152,7 +164,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Known kernel issues in force on this kernel become xfails of the cases they name (strict unless
-    the entry says the bug reproduces by chance)."""
+    the entry says the bug reproduces by chance); those whose bug prints a splat (`kmsg`) also run
+    alone, so the splat is pinned to them (harness/health/exclusive.py)."""
     issues = known_issues.in_force()
     if not issues:
         return
@@ -161,6 +174,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if ki.matches(item.nodeid):
                 item.add_marker(pytest.mark.xfail(reason=ki.xfail_reason(), strict=ki.strict))
                 item.user_properties.append(("known_issue", ki.id))
+                if ki.kmsg:
+                    item.add_marker(pytest.mark.kmsg_exclusive)
                 break
 
 
@@ -221,28 +236,43 @@ def _report_health(item: pytest.Item, when: str, what: str, mode: str, summary: 
     return msg
 
 
+def _reporter(item: pytest.Item, h: _Health) -> case_health.Reporter:
+    def report(phase: str, f: Finding) -> str | None:
+        when = "teardown" if phase.startswith("teardown") else "call"
+        return _report_health(item, when, "kmsg", h.kmsg_mode, f.summary(), f.message(phase),
+                              item.stash.get(_CALL_FAILED, False))
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _kernel_health(request: pytest.FixtureRequest) -> Iterator[None]:
     """Kernel log, taint and leaks around every case. Autouse and defined before the other function
     fixtures, so it is set up before them and torn down after them: their set-up and teardown (VM
-    creation, close) are inside the case's window, and leaks are judged after they cleaned up."""
+    creation, close) are inside the case's window, and leaks are judged after they cleaned up.
+    The case holds the kernel-log lock (exclusively if it is expected to splat) for the whole window."""
     item = request.node
     h = request.config.stash[_HEALTH]
-    w = None
-    if h.kmsg_mode != "off":
-        w = h.oracle.begin(item.nodeid, accept_user=item.get_closest_marker("kmsg_accept_user") is not None)
-    item.stash[_WINDOW] = w
+    ch = None
+    exclusive = item.get_closest_marker("kmsg_exclusive") is not None
+    if h.kmsg_mode != "off" and h.oracle.active:
+        h.lock.acquire(exclusive)
+        if exclusive:
+            item.user_properties.append(("kmsg_exclusive", f"waited {h.lock.waited:.2f} s"))
+        w = h.oracle.begin(item.nodeid, accept_user=item.get_closest_marker("kmsg_accept_user") is not None,
+                           exclusive=exclusive)
+        ch = case_health.CaseHealth(h.oracle, w, _reporter(item, h))
+    item.stash[_CASE] = ch
+    case_health.set_current(ch)
     before = leaks.snapshot() if h.leaks_mode != "off" else None
-    yield
-    failed = item.stash.get(_CALL_FAILED, False)
-    fail_msgs = []
-    f = h.oracle.check(w) if w is not None else None
-    if f is not None and f.known and not f:
-        item.add_report_section("teardown", "kvm-harness kernel log (known issues)", f.known_message())
-    if f:
-        m = _report_health(item, "teardown", "kmsg", h.kmsg_mode, f.summary(),
-                           f.message(f"teardown (after the test body) of {item.nodeid}"), failed)
-        fail_msgs.append(m)
+    try:
+        yield
+        fail_msgs = []
+        if ch is not None:
+            fail_msgs.append(ch.check(f"teardown (after the test body) of {item.nodeid}"))
+    finally:
+        case_health.set_current(None)
+        if ch is not None:
+            h.lock.release()
     if before is not None:
         if h.leak_log:
             leaks.log_growth(h.leak_log, item.nodeid, before)
@@ -251,7 +281,7 @@ def _kernel_health(request: pytest.FixtureRequest) -> Iterator[None]:
             msg = f"leak check: {item.nodeid} left behind {len(found)} thing(s):\n" + \
                 "\n".join(f"  {ln}" for ln in found)
             fail_msgs.append(_report_health(item, "teardown", "leaks", h.leaks_mode, "; ".join(found)[:500],
-                                            msg, failed))
+                                            msg, item.stash.get(_CALL_FAILED, False)))
     fail_msgs = [m for m in fail_msgs if m]
     if fail_msgs:
         pytest.fail("\n\n".join(fail_msgs), pytrace=False)
@@ -266,14 +296,11 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[Any]:
         res = yield
     except BaseException as e:
         exc = e
-    h = item.config.stash.get(_HEALTH, None)
-    w = item.stash.get(_WINDOW, None)
-    f = h.oracle.check(w) if h is not None and w is not None else None
-    if f is not None and f.known and not f:
-        item.add_report_section("call", "kvm-harness kernel log (known issues)", f.known_message())
-    if f:
-        m = _report_health(item, "call", "kmsg", h.kmsg_mode, f.summary(), f.message("the test body"),  # type: ignore[union-attr]
-                           exc is not None)
+    ch = item.stash.get(_CASE, None)
+    if ch is not None:
+        # A failure already there keeps its place; the kernel's evidence goes beside it.
+        item.stash[_CALL_FAILED] = exc is not None
+        m = ch.check("the test body")
         if m and exc is None:
             pytest.fail(m, pytrace=False)
     if exc is not None:
@@ -332,11 +359,13 @@ def vm(request: pytest.FixtureRequest, kvm: Kvm) -> Iterator[Vm]:
 
 
 @pytest.fixture
-def kmsg() -> Iterator[KmsgReader]:
-    """A /dev/kmsg reader positioned at the end of the log, for cases that check mid-body."""
-    r = KmsgReader()
-    yield r
-    r.close()
+def kernel_health(request: pytest.FixtureRequest) -> case_health.CaseHealth:
+    """The case's kernel-health check, for cases that check mid-body: `kernel_health.assert_healthy(where)`
+    judges by the same rules as the check after the body (which then does not repeat what it reported)."""
+    ch = request.node.stash.get(_CASE, None)
+    if ch is None:  # --kmsg=off or an unreadable log: a check that finds nothing, saying why
+        ch = case_health.CaseHealth(request.config.stash[_HEALTH].oracle, None)
+    return ch
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ from array import array
 
 import pytest
 
+from harness.health.case import CaseHealth
 from harness.health.kmsg import parse_kmsg_record
+from harness.health.oracle import KmsgOracle
 from harness.race import protocol as P
 from harness.race.disruptors import DISRUPTORS, Disruptor, Mprotect
 from harness.race.engine import Race, RaceReport, RaceSpec
@@ -103,18 +105,39 @@ class _Log:
         self.recs = [parse_kmsg_record(f"4,{i + 1},1000,-;{t}\n") for i, t in enumerate(texts)]
 
     def drain(self):
-        return self.recs
+        out, self.recs = self.recs, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _health(texts: list[str]) -> CaseHealth:
+    o = KmsgOracle("off")
+    o.mode = "fail"
+    o.reader = _Log([])  # type: ignore[assignment]
+    w = o.begin("cases/test_races.py::test_race[x]")
+    o.reader = _Log(texts)  # type: ignore[assignment]
+    return CaseHealth(o, w)
 
 
 def test_kernel_oracle_reports_new_splats():
     rep = RaceReport(RaceSpec("anon", ("dontneed",)), host_ops={"dontneed": 1}, overlapped_ops=1)
-    Race._kernel_oracle(None, rep, _Log(["kvm: fine", "WARNING: CPU: 1 PID: 42 at arch/x86/kvm/mmu/mmu.c:123 "
-                                          "kvm_mmu_page_fault+0x1/0x2"]), None)
+    Race._kernel_oracle(None, rep, _health(["kvm: fine", "WARNING: CPU: 1 PID: 42 at arch/x86/kvm/mmu/mmu.c:123 "
+                                            "kvm_mmu_page_fault+0x1/0x2"]))
     fails = rep.failures(("kernel",))
     assert len(fails) == 1 and "WARNING" in fails[0] and "mmu.c:123" in fails[0]
     clean = RaceReport(RaceSpec("anon", ("dontneed",)))
-    Race._kernel_oracle(None, clean, _Log(["kvm: fine"]), None)
+    Race._kernel_oracle(None, clean, _health(["kvm: fine"]))
     assert clean.failures(("kernel",)) == []
+
+
+def test_kernel_oracle_is_the_case_health_check():
+    # What the race reported is not reported again by the check after the test body.
+    h = _health(["WARNING: CPU: 1 PID: 42 at arch/x86/kvm/mmu/mmu.c:123 kvm_mmu_page_fault+0x1/0x2"])
+    rep = RaceReport(RaceSpec("anon", ("dontneed",)), host_ops={"dontneed": 1}, overlapped_ops=1)
+    Race._kernel_oracle(None, rep, h)
+    assert rep.failures(("kernel",)) and h.check("teardown") is None
 
 
 # ---- end to end: a host that breaks the protocol on purpose ---------------------------------------

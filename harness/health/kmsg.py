@@ -236,13 +236,6 @@ def find_splats(
     return out
 
 
-def assert_no_splats(reader: KmsgReader, what: str) -> None:
-    """Fail (AssertionError quoting each splat) if the kernel records `reader` has not yet drained
-    hold a splat: a case's own in-body check, beside the autouse per-case oracle."""
-    splats = find_splats(reader.drain())
-    assert not splats, f"{what}: kernel splat(s): " + "; ".join(f"{k}: {rec.text}" for k, rec in splats)
-
-
 class KmsgReader:
     """Non-blocking reader of new /dev/kmsg records (those logged after construction).
 

@@ -9,6 +9,11 @@ kernel records (facility 0) unless the case says it accepts user-space ones: any
 
 The kernel log is machine-wide. Under pytest-xdist every worker reads every record, so a record
 fails every case whose window holds it, in every worker; the message says it cannot be pinned.
+Cases expected to splat (a known issue in force names them with a `kmsg` pattern) run alone
+(exclusive.py), so their records are pinned to them: a known splat in their window is judged as
+their xfail, and the same splat in any other window fails that case like any other splat (some case
+that the issue does not name triggered it). One rule everywhere: the autouse per-case check, a
+case's own mid-body check and the race engine all judge through the case's `CaseHealth` (case.py).
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class Window:
     reported: set[int] = field(default_factory=set)  # seqs of headers already failed on
     taint_seen: int | None = None  # taint at the last check
     lost: int = 0
+    exclusive: bool = False  # the case held the kernel log alone (exclusive.py): records are its own
 
     def __post_init__(self) -> None:
         self.taint_seen = self.taint_start
@@ -89,19 +95,11 @@ class Finding:
     taint: tuple[int, int] | None
     lost: int
     workers: int
-    # Splats a known issue explains that do not fail this case (it cannot be pinned here): shown only.
-    known: list[tuple[str, KmsgRecord]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    exclusive: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.splats or self.taint)
-
-    def known_message(self) -> str:
-        """The known-issue splats this case is not failed for (parallel run, issue names other cases)."""
-        lines = [f"kernel log: known kernel issue {issue}: seq {rec.seq}: {rec.text.splitlines()[0]} "
-                 f"(not failing this case: {self.workers} workers share the log and the issue names other "
-                 "cases)" for issue, rec in self.known]
-        return "\n".join(lines + self.notes)
 
     def summary(self) -> str:
         """One line: kinds and the first header (JUnit property, KTAP)."""
@@ -129,7 +127,7 @@ class Finding:
         if self.lost:
             lines.append(f"note: the kernel ring buffer overwrote records {self.lost} time(s) before "
                          "they were read; more may have been lost")
-        if self.workers > 1:
+        if self.workers > 1 and not self.exclusive:
             lines.append(f"note: {self.workers} pytest-xdist workers ran cases at the same time and the "
                          "kernel log is machine-wide: this record cannot be pinned to one case, so every "
                          "case whose time window holds it fails")
@@ -167,13 +165,13 @@ class KmsgOracle:
         except (OSError, ValueError):
             return None
 
-    def begin(self, nodeid: str, accept_user: bool = False) -> Window | None:
+    def begin(self, nodeid: str, accept_user: bool = False, exclusive: bool = False) -> Window | None:
         """Open a case's window: what was logged before now is not this case's."""
         if self.reader is None:
             return None
         before = self.reader.drain()
         self.outside += [(k, r) for k, r in find_splats(before, matcher=self.matcher)]
-        return Window(nodeid, accept_user, self._taint())
+        return Window(nodeid, accept_user, self._taint(), exclusive=exclusive)
 
     def check(self, w: Window | None) -> Finding | None:
         """New splats and taint changes since the window's last check (each reported once)."""
@@ -183,7 +181,6 @@ class KmsgOracle:
         w.records += self.reader.drain()
         w.lost += self.reader.lost - lost0
         found = []
-        known: list[tuple[str, KmsgRecord]] = []
         notes: list[str] = []
         splats = find_splats(w.records, kernel_only=not w.accept_user, matcher=self.matcher)
         headers = {r.seq for _, r in splats}
@@ -192,27 +189,23 @@ class KmsgOracle:
                 continue
             w.reported.add(rec.seq)
             ks = next((k for k in self.known if k.pattern.search(rec.text)), None)
-            if ks is not None and not ks.names(w.nodeid):
-                if self.workers > 1:
-                    # Another worker's case (one the issue names) most likely logged it.
-                    known.append((ks.issue, rec))
-                    continue
-                notes.append(f"note: seq {rec.seq} matches known kernel issue {ks.issue}, whose cases do "
-                             "not name this one: this case triggers it too")
-            elif ks is not None:
+            if ks is not None and ks.names(w.nodeid):
                 notes.append(f"note: seq {rec.seq} is known kernel issue {ks.issue} (this case is its xfail)")
+            elif ks is not None:
+                # Its own cases run alone (exclusive.py): this window did not share the log with them.
+                notes.append(f"note: seq {rec.seq} matches known kernel issue {ks.issue}, whose cases do "
+                             "not name this one: this case (or one beside it) triggers it too")
             found.append((kind, self._context(w, rec, headers)))
         taint = self._taint()
         change = None
         if taint is not None and w.taint_seen is not None and taint != w.taint_seen:
             change = (w.taint_seen, taint)
-            if known and not found and not (taint & ~w.taint_seen & ~TAINT_WARN):
-                # The W taint of a known splat this case cannot be blamed for: same verdict.
-                notes.append(f"note: taint {change[0]} -> {change[1]} (W) came with the known splat")
-                change = None
+            if found and not (taint & ~w.taint_seen & ~TAINT_WARN):
+                # A W taint that came with a splat is judged with that splat, not on its own.
+                notes.append(f"note: taint {change[0]} -> {change[1]} (W) came with the splat above")
         w.taint_seen = taint
         lost, w.lost = w.lost, 0
-        return Finding(w.nodeid, found, change, lost, self.workers, known, notes)
+        return Finding(w.nodeid, found, change, lost, self.workers, notes, w.exclusive)
 
     @staticmethod
     def _context(w: Window, header: KmsgRecord, headers: set[int]) -> list[KmsgRecord]:

@@ -34,7 +34,7 @@ from harness._kvm_cffi import ffi
 from harness.errors import HarnessError, KvmError
 from harness.exits import Intr, Io, Mmio
 from harness.failures import UnexpectedExitError
-from harness.health.kmsg import KmsgReader, find_splats, read_tainted, taint_letters
+from harness.health import case as case_health
 from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K, Feature, usage
 from harness.memory.hugepages import HugepagePool
 from harness.race import protocol as P
@@ -164,8 +164,7 @@ class RaceReport:
     clock_misses: list[P.ClockMiss] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
     stats_note: str = ""
-    splats: list[str] = field(default_factory=list)
-    taint_new: str = ""
+    kernel_failure: str = ""  # the case's kernel-health verdict (harness/health/case.py), when it fails
     kmsg_note: str = ""
 
     # ---- figures -------------------------------------------------------------------------------
@@ -204,9 +203,8 @@ class RaceReport:
                        + "\n".join("    " + m.describe() for m in self.clock_misses[:MAX_DETAILS]))
         if "released" in oracles and self.release_problems:
             out += [f"memory not released after {self.release_method}: {p}" for p in self.release_problems]
-        if "kernel" in oracles and (self.splats or self.taint_new):
-            out.append("kernel log: " + (f"new taint {self.taint_new}; " if self.taint_new else "")
-                       + "\n".join("    " + s for s in self.splats))
+        if "kernel" in oracles and self.kernel_failure:
+            out.append(self.kernel_failure)
         if "overlap" in oracles and not self.stalls and not self.errors:
             if self.total_ops == 0:
                 out.append("overlap: the host made no operation at all")
@@ -612,8 +610,8 @@ class Race:
         assert self.vm is not None
         spec = self.spec
         rep = self.report
-        kmsg = KmsgReader()
-        taint0 = _taint()
+        # The case's own kernel-health window (or one of our own outside pytest): one verdict per case.
+        health, own_health = case_health.for_case(spec.label or "race")
         try:
             for i in range(spec.vcpus):
                 t = threading.Thread(target=self._vcpu_main, args=(i,), name=f"race-vcpu{i}", daemon=True)
@@ -650,8 +648,9 @@ class Race:
             self.ctrl[1] = 1
         self._collect(rep)
         self._end_oracles(rep)
-        self._kernel_oracle(rep, kmsg, taint0)
-        kmsg.close()
+        self._kernel_oracle(rep, health)
+        if own_health:
+            health.close()
         return rep
 
     def _monitor(self, t0: float) -> None:
@@ -871,18 +870,13 @@ class Race:
                 rep.release_notes.append("hugepage delta not asserted: other harness processes held "
                                          f"pages of this size ({others0 or others1})")
 
-    def _kernel_oracle(self, rep: RaceReport, kmsg: KmsgReader, taint0: int | None) -> None:
-        if not kmsg.available:
-            rep.kmsg_note = f"not checked: {kmsg.reason}"
+    def _kernel_oracle(self, rep: RaceReport, health: case_health.CaseHealth) -> None:
+        """The case's kernel-health check, judged by the same rules as every other case (known issues,
+        --kmsg mode); what it reports here is not reported again after the test body."""
+        if not health.active:
+            rep.kmsg_note = f"not checked: {health.reason}"
             return
-        recs = kmsg.drain()
-        for kind, rec in find_splats(recs):
-            rep.splats.append(f"{kind}: [{rec.ts_usec / 1e6:.6f}] {rec.text}")
-        if kmsg.lost:
-            rep.kmsg_note = f"{kmsg.lost} overwrite(s) of the ring buffer during the case"
-        t1 = _taint()
-        if taint0 is not None and t1 is not None and t1 & ~taint0:
-            rep.taint_new = taint_letters(t1 & ~taint0)
+        rep.kernel_failure = health.check("the race") or ""
 
     # ---- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -925,13 +919,6 @@ def _proc_task(tid: int, name: str) -> str:
             return f.read()
     except OSError as e:
         return f"({name} unreadable: {e.strerror})"
-
-
-def _taint() -> int | None:
-    try:
-        return read_tainted()
-    except (OSError, ValueError):
-        return None
 
 
 def _footprint(b: Any, region: int) -> int:
