@@ -327,7 +327,8 @@ def test_owner_pid_and_stale_cleanup(tmp_path):
     (stale / "sub").mkdir(parents=True)
     live = tmp_path / f"kvm-harness-mnt.{mounts.os.getpid()}.zz"
     live.mkdir()
-    assert mounts.cleanup_stale([str(tmp_path)]) == [str(stale)]
+    # (a ledger of its own: the machine's one is for real runs)
+    assert mounts.cleanup_stale([str(tmp_path)], ledger_path=tmp_path / "ledger.json") == [str(stale)]
     assert not stale.exists() and live.exists()
 
 

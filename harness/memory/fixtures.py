@@ -8,6 +8,11 @@ Registered as a plugin (conftest.py `pytest_plugins`). A case says what memory i
         slot = memtouch.vm.add_memslot(1 << 40, 2 << 20, backing=b)
 
 `--memory-backings=anon,shmem` keeps only the cases whose `kind` parameter is listed.
+
+Whatever ends the run, nothing is left behind: SIGTERM and SIGHUP end every pytest process (the
+xdist controller and each worker) like Ctrl-C does, so fixtures are torn down and the exit status is
+2 (harness.memory.cleanup); what a SIGKILL leaves, the next session start gives back from the
+machine-wide ledger (`recover_stale`, harness.memory.ledger).
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from harness import memory
+from harness.memory import cleanup
 from harness.memory.backings import Backing, BackingUnavailable
 from harness.memory.hugepages import HugepagePool, HugepagesUnavailable, prune_stale
+from harness.memory.ledger import LEDGER
 from harness.memory.memtouch import MemTouch
 from harness.memory.mounts import Mounts, cleanup_stale, close_default, default_mounts
 
@@ -39,17 +47,49 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="comma-separated backing kinds to run (default: all); cases parametrized by `kind`")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # As early as a plugin can: from here on SIGTERM/SIGHUP tear down like Ctrl-C (main thread only:
+    # xdist runs its workers' sessions there too).
+    cleanup.install(cleanup.WORKER_GRACE_S if hasattr(config, "workerinput") else cleanup.GRACE_S)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[None]:
+    """Around everything else at session end (fixture teardown, xdist waiting for its workers,
+    reports): a SIGTERM now must not cut that short, only make the exit status non-zero."""
+    with cleanup.holding():
+        res = yield
+    if cleanup.terminating() is not None and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.INTERRUPTED
+    return res
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cleanup.uninstall()
+
+
+def recover_stale(ledger: Path = LEDGER, roots: list[str] | None = None) -> list[str]:
+    """Give back what dead harness processes left (a SIGKILLed run, a crash): their hugepages, then
+    the mounts, loop devices and folders the ledger records for them, wherever they are, then (runs
+    from before the ledger) dead runs' folders in the default temp folders. Never touches what a
+    live process holds. Returns what it gave back. This is what every session start runs."""
+    try:
+        cleaned = [f"hugepages: {p}" for p in prune_stale(ledger=ledger)]
+    except OSError as e:
+        warnings.warn(f"hugepage ledger {ledger}: {e}", stacklevel=1)
+        cleaned = []
+    return cleaned + cleanup_stale(roots, ledger_path=ledger)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Undo what a killed earlier run left: its mounts, loop devices and hugepage reservations."""
     if os.geteuid() != 0:
         return
-    try:
-        prune_stale()
-    except OSError as e:
-        warnings.warn(f"hugepage ledger: {e}", stacklevel=1)
-    stale = cleanup_stale()
+    stale = recover_stale()
     if stale:
-        warnings.warn(f"cleaned up what dead harness runs left mounted/attached: {stale}", stacklevel=1)
+        warnings.warn(f"cleaned up what dead harness runs left mounted/attached/reserved: {stale}",
+                      stacklevel=1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -5,15 +5,16 @@ old value, write it back" is not enough: worker A would shrink the pool under wo
 (flock'd) records the pool size before the first reservation and who holds how many pages; each
 reservation adds to the pool, each release takes its pages back off, and when the last holder
 releases, the recorded old size is written back exactly. Holders whose process is gone (killed run)
-are dropped the next time anyone touches the ledger, and a ledger from an earlier boot is ignored.
+are dropped the next time anyone touches the ledger, and pool entries from an earlier boot are
+ignored. The ledger is the harness's machine-wide one (harness.memory.ledger): a holder is named
+"<pid>:<start time>:<tag>", so a recycled pid does not keep a dead run's pages. A reservation and its
+bookkeeping are one critical section (harness.memory.cleanup): SIGTERM cannot fall between them.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
-import json
 import os
 import time
 import uuid
@@ -22,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.memory.mounts import pid_alive
+from harness.memory import cleanup
+from harness.memory.ledger import LEDGER, Book, Owner, boot_id, holder_alive, locked
 from harness.memory.usage import HUGEPAGES_SYSFS, hugepage_dir
 
 PAGE_2M = 2 << 20
 PAGE_1G = 1 << 30
-DEFAULT_LEDGER = Path("/run/kvm-harness/hugepages.json")
+DEFAULT_LEDGER = LEDGER
 
 
 class HugepagesUnavailable(HarnessError):
@@ -44,12 +46,7 @@ def pages_for(size: int, page_size: int) -> int:
     return (size + page_size - 1) // page_size
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+_boot_id = boot_id  # the name the unit tests know
 
 
 class HugepagePool:
@@ -58,8 +55,9 @@ class HugepagePool:
     def __init__(self, sysfs: Path = HUGEPAGES_SYSFS, ledger: Path = DEFAULT_LEDGER) -> None:
         self.sysfs = Path(sysfs)
         self.ledger = Path(ledger)
-        self.key = f"{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.key = f"{Owner.current().key}:{uuid.uuid4().hex[:8]}"
         self.held: dict[int, int] = {}
+        self.pruned: list[str] = []  # dead holders this pool's ledger accesses gave back (for reports)
         atexit.register(self.release_all)
 
     # ---- kernel interface (overridable in unit tests) ------------------------------------------
@@ -106,47 +104,64 @@ class HugepagePool:
             time.sleep(0.05)
 
     def _reserve_once(self, page_size: int, count: int) -> None:
-        with self._locked() as led:
+        with cleanup.critical(), self._locked() as led:
             entry = led["pools"].setdefault(str(page_size), {"base": None, "holders": {}})
             cur = self.read_nr(page_size)
             if not entry["holders"]:
                 entry["base"] = cur
+            # On file before the pool grows: a kill during the (slow) growth then leaves a dead
+            # holder the next run settles, never pages nobody accounts for.
+            entry["holders"][self.key] = entry["holders"].get(self.key, 0) + count
+            led.save()
             try:
                 self.write_nr(page_size, cur + count)
                 got = self.read_nr(page_size) - cur
             except OSError as e:
                 self.write_nr(page_size, cur)
+                self._undo(led, page_size, entry, count)
                 raise HugepagesUnavailable(f"cannot grow the {size_name(page_size)} pool: {e}") from e
             if got < count:
                 self.write_nr(page_size, cur)
+                self._undo(led, page_size, entry, count)
                 others = sum(n for k, n in entry["holders"].items() if k != self.key)
-                if not entry["holders"]:
-                    del led["pools"][str(page_size)]
                 err = HugepagesUnavailable(
                     f"asked the kernel for {count} more {size_name(page_size)} hugepages, it found "
                     f"{max(got, 0)} (nr_hugepages {cur} -> {cur + max(got, 0)}, {others} held by other "
                     "harness processes): free memory is short or too fragmented")
                 err.others = others
                 raise err
-            entry["holders"][self.key] = entry["holders"].get(self.key, 0) + count
-        self.held[page_size] = self.held.get(page_size, 0) + count
+            self.held[page_size] = self.held.get(page_size, 0) + count
+            cleanup.register(self.release_all)  # the last resort after SIGTERM gives them back too
+
+    def _undo(self, led: dict[str, Any], page_size: int, entry: dict[str, Any], count: int) -> None:
+        left = entry["holders"].get(self.key, 0) - count
+        if left > 0:
+            entry["holders"][self.key] = left
+        else:
+            entry["holders"].pop(self.key, None)
+        if not entry["holders"]:
+            del led["pools"][str(page_size)]
 
     def release(self, page_size: int) -> None:
         """Give back every page of this size this owner reserved."""
-        n = self.held.pop(page_size, 0)
-        if not n:
-            return
-        with self._locked() as led:
-            entry = led["pools"].get(str(page_size))
-            if entry is None:  # ledger lost (reboot, deleted): take our pages off anyway
-                self.write_nr(page_size, self.read_nr(page_size) - n)
+        with cleanup.critical():
+            n = self.held.pop(page_size, 0)
+            if not self.held:
+                cleanup.unregister(self.release_all)
+            if not n:
                 return
-            entry["holders"].pop(self.key, None)
-            self._settle(led, page_size, entry, n)
+            with self._locked() as led:
+                entry = led["pools"].get(str(page_size))
+                if entry is None:  # ledger lost (reboot, deleted): take our pages off anyway
+                    self.write_nr(page_size, self.read_nr(page_size) - n)
+                    return
+                entry["holders"].pop(self.key, None)
+                self._settle(led, page_size, entry, n)
 
     def release_all(self) -> None:
-        for ps in list(self.held):
-            self.release(ps)
+        with cleanup.critical():
+            for ps in list(self.held):
+                self.release(ps)
 
     def _settle(self, led: dict[str, Any], page_size: int, entry: dict[str, Any], n: int) -> None:
         if entry["holders"]:
@@ -158,33 +173,24 @@ class HugepagePool:
 
     # ---- ledger --------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, Any]]:
-        self.ledger.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.ledger, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            raw = os.pread(fd, 1 << 20, 0)
-            try:
-                led = json.loads(raw) if raw.strip() else {}
-            except ValueError:
-                led = {}
-            boot = _boot_id()
-            if led.get("boot_id") != boot:
-                led = {"boot_id": boot, "pools": {}}
+    def _locked(self) -> Iterator[Book]:
+        with locked(self.ledger) as led:
+            boot = boot_id()
+            if led.get("boot_id") != boot or not isinstance(led.get("pools"), dict):
+                # pool sizes of another boot mean nothing now; owner records stay (their folders may
+                # have survived the reboot) and carry their own boot id
+                led["boot_id"] = boot
+                led["pools"] = {}
             self._prune(led)
             yield led
-            data = json.dumps(led, indent=1).encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
-        finally:
-            os.close(fd)
 
     def _prune(self, led: dict[str, Any]) -> None:
         """Drop holders whose process died without releasing (their pages come off the pool)."""
         for ps_key, entry in list(led["pools"].items()):
-            dead = [k for k in entry["holders"] if not pid_alive(int(k.split(":")[0]))]
+            dead = [k for k in entry["holders"] if not holder_alive(k)]
             n = sum(entry["holders"].pop(k) for k in dead)
             if dead:
+                self.pruned += [f"{n} {size_name(int(ps_key))} hugepage(s) of {', '.join(dead)}"]
                 self._settle(led, int(ps_key), entry, n)
 
     def holders(self, page_size: int) -> dict[str, int]:
@@ -193,12 +199,14 @@ class HugepagePool:
             return dict(led["pools"].get(str(page_size), {}).get("holders", {}))
 
 
-def prune_stale(sysfs: Path = HUGEPAGES_SYSFS, ledger: Path = DEFAULT_LEDGER) -> None:
-    """Give back the pages of harness processes that died holding them (a run killed with SIGKILL)."""
+def prune_stale(sysfs: Path = HUGEPAGES_SYSFS, ledger: Path = DEFAULT_LEDGER) -> list[str]:
+    """Give back the pages of harness processes that died holding them (a run killed with SIGKILL);
+    returns what was given back."""
     if not ledger.exists():
-        return
+        return []
     pool = HugepagePool(sysfs, ledger)
     atexit.unregister(pool.release_all)
     with pool._locked():
         pass  # _locked prunes dead holders and restores the old size when none is left
+    return pool.pruned
 
