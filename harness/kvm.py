@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -9,6 +10,7 @@ from harness._kvm_cffi import ffi
 from harness.caps import Cap
 from harness.cpuid import Cpuid
 from harness.errors import KvmError
+from harness.failures import check_uint, closed_class
 from harness.sys import kvm_ioctl
 from harness.vm import Vm
 
@@ -16,7 +18,12 @@ KVM_API_VERSION = 12
 
 
 class Kvm:
+    # After close() the object is switched to closed_class(Kvm): every public method and property
+    # (cached ones included) raises ClosedError, and fd is -1. VMs it made stay open: the kernel's
+    # VM does not need the system fd, but their calls that need this Kvm's answers raise too.
+
     def __init__(self, path: str = "/dev/kvm") -> None:
+        self.closed = True  # until the fd exists
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self.closed = False
@@ -27,7 +34,8 @@ class Kvm:
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the system fd: 0 when absent, else the capability's value."""
-        return kvm_ioctl(self.fd, "KVM_CHECK_EXTENSION", int(cap), lambda: f"cap={_capname(cap)}")
+        cap = check_uint("Kvm.check_extension", "cap", cap, 64)
+        return kvm_ioctl(self.fd, "KVM_CHECK_EXTENSION", cap, lambda: f"cap={_capname(cap)}")
 
     def capabilities(self) -> dict[str, int]:
         """Every named capability with its value (absent ones included, as 0)."""
@@ -83,9 +91,25 @@ class Kvm:
         return Vm(self, vm_type)
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
+        """Close the system fd (idempotent); the object then raises ClosedError on every method."""
+        if self.closed:
+            return
+        self.closed = True
+        fd, self._fd_was, self.fd = self.fd, self.fd, -1
+        self.__class__ = closed_class(type(self))
+        os.close(fd)
+
+    def _closed_what(self) -> str:
+        return f"Kvm({self.path}, fd={self.__dict__.get('_fd_was', self.__dict__.get('fd', '?'))})"
+
+    def __del__(self) -> None:
+        # dropped without close(): the fd goes now, not at exit
+        if self.__dict__.get("closed") is False:
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def __repr__(self) -> str:
+        return f"<{self._closed_what()}{'' if self.__dict__.get('closed') is False else ' closed'}>"
 
     def __enter__(self) -> Kvm:
         return self

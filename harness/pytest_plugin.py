@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from harness import known_issues
+from harness import backend, known_issues
 from harness.caps import Cap
-from harness.failures import VcpuTimeout
+from harness.failures import VcpuTimeout, seconds_arg
 from harness.health import case as case_health
 from harness.health import diagnostics, leaks
 from harness.health.exclusive import KmsgLock
@@ -84,7 +84,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("kvm-harness")
     g.addoption("--kvm-dev", default=os.environ.get("KVM_HARNESS_DEV", "/dev/kvm"),
                 help="KVM device node (default /dev/kvm)")
-    g.addoption("--kvm-timeout", type=float, default=DEFAULT_TEST_TIMEOUT,
+    g.addoption("--kvm-timeout", type=seconds_arg, default=DEFAULT_TEST_TIMEOUT,
                 help="bound on all KVM_RUNs of one test, in seconds (default %(default)s)")
     g.addoption("--kmsg", choices=MODES, default="fail",
                 help="kernel-log oracle: fail a case on a new splat or taint change, warn only, or off "
@@ -100,7 +100,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--ktap", nargs="?", const="-", default=None, metavar="PATH",
                 help="write KTAP v1 results to PATH (default: stdout; pytest's own output then goes to stderr)")
     g.addoption("--bisect", action="store_true",
-                help="exit 0 good / 1 bad / 125 cannot test here, for `git bisect run`")
+                help="exit 0 good / 1 bad / 125 cannot test here / 128 the selection is wrong (aborts), "
+                     "for `git bisect run`")
 
 
 @pytest.hookimpl(trylast=True)  # after the terminal reporter exists (--ktap to stdout moves it)
@@ -126,6 +127,7 @@ def pytest_configure(config: pytest.Config) -> None:
         rep = KtapReporter(config, ktap)
         if ktap == "-":
             redirect_terminal_to_stderr(config)
+        rep.header(f"backend {backend.name()}")  # the matrix keys known issues by (release, backend)
         if config.getoption("--kmsg") != "off":
             why = _kmsg_unreadable(config.getoption("--kmsg-dev"))
             rep.header(f"kernel-log oracle: {why or config.getoption('--kmsg')}")
@@ -323,7 +325,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def _kvm_bound(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every KVM_RUN of the test is bounded: past the bound the watchdog kicks and fails it."""
     m = request.node.get_closest_marker("kvm_timeout")
-    seconds = float(m.args[0]) if m else request.config.getoption("--kvm-timeout")
+    seconds = request.config.getoption("--kvm-timeout")
+    if m:
+        try:
+            seconds = seconds_arg(str(m.args[0]))
+        except (argparse.ArgumentTypeError, IndexError) as e:
+            pytest.fail(f"@pytest.mark.kvm_timeout{m.args}: {e or 'needs a number of seconds'}", pytrace=False)
     kvm = request.getfixturevalue("kvm") if "kvm" in request.fixturenames else None
     _check_requirements(request.node, kvm)
     request.node.user_properties.append(("kvm_bound_s", f"{seconds:g}"))

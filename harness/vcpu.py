@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +19,16 @@ from harness.caps import KVM_COALESCED_MMIO_PAGE_OFFSET
 from harness.cpuid import Cpuid
 from harness.errors import HarnessError, KvmError
 from harness.exits import CoalescedMmio, Exit, Io, Mmio
-from harness.failures import Livelock, UnexpectedExitError, VcpuTimeout
+from harness.failures import (
+    BadInput,
+    ClosedError,
+    Livelock,
+    UnexpectedExitError,
+    VcpuTimeout,
+    check_seconds,
+    check_uint,
+    closed_class,
+)
 from harness.stats import Stats
 from harness.sys import kvm_ioctl
 from harness.watchdog import WATCHDOG
@@ -47,17 +58,27 @@ ExitHandler = Callable[["Vcpu", Exit], bool | None]
 
 
 class Vcpu:
+    # After close() (its own or its VM's) the object is switched to closed_class(type(self)): every
+    # public method raises ClosedError, with no check in run(), and fd is -1. It holds its VM weakly
+    # (`vm`), so a dropped VM is freed by reference counting alone and closes its vCPUs.
+    _USABLE_WHEN_CLOSED = ("in_run", "vm")  # state the watchdog and the race engine read
+
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
-        self.vm = vm
+        self.closed = True  # until fd and mapping exist: a half-made vCPU has nothing to close
+        if vm.closed:
+            raise ClosedError(vm._closed_what(), f"Vcpu(vm, {vcpu_id})")
+        vcpu_id = check_uint("KVM_CREATE_VCPU", "vcpu_id", vcpu_id, 32)
+        self._vm = weakref.ref(vm)
+        self._vm_fd = vm.fd
         self.id = vcpu_id
-        self.fd = kvm_ioctl(vm.fd, "KVM_CREATE_VCPU", vcpu_id, lambda: f"id={vcpu_id}")
-        self.closed = False
         size = vm.kvm.vcpu_mmap_size
+        fd = kvm_ioctl(vm.fd, "KVM_CREATE_VCPU", vcpu_id, lambda: f"id={vcpu_id}")
         try:
-            self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except Exception:
-            os.close(self.fd)
+            os.close(fd)
             raise
+        self.fd = fd
         self._run_buf = ffi.from_buffer(self._mm)
         self.kvm_run: Any = ffi.cast("struct kvm_run *", self._run_buf)
         self._run = self.kvm_run
@@ -70,7 +91,17 @@ class Vcpu:
         self.exit_count = 0
         self.console: list[str] = []  # GUEST_PRINTF output
         self._stats: Stats | None = None
+        self.closed = False
         WATCHDOG.register(self)
+
+    @property
+    def vm(self) -> Vm:
+        """The VM (held weakly: the VM holds its vCPUs, and a cycle would need the collector)."""
+        vm = self._vm()
+        if vm is None:
+            raise ClosedError(self._closed_what(), "vm", "its VM was dropped without close(), which closed "
+                              "its vCPUs: keep a reference to the Vm while its vCPUs are in use")
+        return vm
 
     # ---- running -------------------------------------------------------------------------------
     @property
@@ -115,6 +146,8 @@ class Vcpu:
         io = self._run.io
         n = io.size * io.count
         if isinstance(data, int):
+            if not 0 <= data < 1 << (8 * n):
+                raise BadInput("Vcpu.complete_io", "data", data, f"does not fit the exit's {n} byte(s)")
             data = data.to_bytes(n, "little")
         off = io.data_offset
         self._buf[off : off + n] = data[:n].ljust(n, b"\0")
@@ -129,7 +162,7 @@ class Vcpu:
 
     def deadline(self, seconds: float, reason: str) -> _Deadline:
         """`with vcpu.deadline(5, "why"):` bounds every run() inside the block."""
-        return _Deadline(self, seconds, reason)
+        return _Deadline(self, check_seconds("Vcpu.deadline", "seconds", seconds), reason)
 
     def run_until_ucall(
         self, timeout: float | None = None, *, on_exit: ExitHandler | None = None,
@@ -145,7 +178,7 @@ class Vcpu:
         """
         from harness import ucall as _ucall
 
-        t = DEFAULT_UCALL_TIMEOUT if timeout is None else timeout
+        t = DEFAULT_UCALL_TIMEOUT if timeout is None else check_seconds("Vcpu.run_until_ucall", "timeout", timeout)
         # Livelock state, touched only on handled MMIO exits (Vcpu.run() stays as cheap as it was).
         last_key: tuple[int, int, bool, bytes | None] | None = None
         streak = 0
@@ -214,7 +247,7 @@ class Vcpu:
         from harness import ucall as _ucall
 
         syncs = []
-        t = DEFAULT_UCALL_TIMEOUT if timeout is None else timeout
+        t = DEFAULT_UCALL_TIMEOUT if timeout is None else check_seconds("Vcpu.run_until_done", "timeout", timeout)
         end = time.monotonic() + t
         while True:
             uc = self.run_until_ucall(max(0.001, end - time.monotonic()), **kw)
@@ -254,7 +287,7 @@ class Vcpu:
         kvm_ioctl(self.fd, "KVM_SET_CPUID2", c, lambda: f"vcpu={self.id}, nent={len(cpuid.entries)}")
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
-        idx = list(indices)
+        idx = [check_uint("KVM_GET_MSRS", "index", i, 32) for i in indices]
         raw = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + len(idx) * ffi.sizeof("struct kvm_msr_entry"))
         m = ffi.cast("struct kvm_msrs *", raw)
         m.nmsrs = len(idx)
@@ -264,7 +297,8 @@ class Vcpu:
         return {m.entries[i].index: m.entries[i].data for i in range(n)}
 
     def set_msrs(self, values: dict[int, int]) -> int:
-        items = list(values.items())
+        items = [(check_uint("KVM_SET_MSRS", "index", k, 32), check_uint("KVM_SET_MSRS", f"msr {k:#x} value", v, 64))
+                 for k, v in values.items()]
         raw = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + len(items) * ffi.sizeof("struct kvm_msr_entry"))
         m = ffi.cast("struct kvm_msrs *", raw)
         m.nmsrs = len(items)
@@ -287,7 +321,7 @@ class Vcpu:
     def translate(self, gva: int) -> tuple[int, bool] | None:
         """KVM_TRANSLATE: (gpa, writeable) or None if the GVA does not map."""
         t = ffi.new("struct kvm_translation *")
-        t.linear_address = gva
+        t.linear_address = check_uint("KVM_TRANSLATE", "gva", gva, 64)
         kvm_ioctl(self.fd, "KVM_TRANSLATE", t, lambda: f"vcpu={self.id}, gva={gva:#x}")
         return (t.physical_address, bool(t.writeable)) if t.valid else None
 
@@ -295,11 +329,7 @@ class Vcpu:
         kvm_ioctl(self.fd, "KVM_KVMCLOCK_CTRL", 0, self._desc)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        c = ffi.new("struct kvm_enable_cap *")
-        c.cap = cap
-        c.flags = flags
-        for i, a in enumerate(args):
-            c.args[i] = a
+        c = enable_cap_struct("Vcpu.enable_cap", cap, args, flags)
         kvm_ioctl(self.fd, "KVM_ENABLE_CAP", c, lambda: f"vcpu={self.id}, cap={int(cap)}, args={list(args)}")
 
     def stats(self) -> Stats:
@@ -333,19 +363,43 @@ class Vcpu:
 
     # ---- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
+        """Unmap kvm_run, close the stats fd and the vCPU fd (idempotent; Vm.close() does it for all
+        its vCPUs). The object stays as a closed shell: fd is -1 and every method raises ClosedError."""
+        if self.closed:
+            return
+        self._close("")
+
+    def _close(self, why: str) -> None:
         if self.closed:
             return
         self.closed = True
-        if self._stats is not None:
-            self._stats.close()
+        fd, self._fd_was, self.fd = self.fd, self.fd, -1
+        self._closed_why = why
+        self.__class__ = closed_class(type(self))
+        stats, mm = self._stats, self._mm
         self._buf = None
         self._run = self.kvm_run = None
         self._run_buf = None
+        self._mm = None
         try:
-            self._mm.close()
-        except BufferError:
-            pass  # a cdata view still references it; the fd close below still drops the vCPU
-        os.close(self.fd)
+            if stats is not None:
+                stats.close()
+        finally:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a cdata view still exports it: unmapped when that goes; the fd close still drops it
+            os.close(fd)
+
+    def _closed_what(self) -> str:
+        d = self.__dict__  # also for a half-made vCPU
+        return f"Vcpu(id={d.get('id', '?')}, fd={d.get('_fd_was', d.get('fd', '?'))}) of Vm(fd={d.get('_vm_fd', '?')})"
+
+    def __del__(self) -> None:
+        # dropped without close() (a vCPU its VM does not list): release the fd and the mapping now
+        if self.__dict__.get("closed") is False:
+            with contextlib.suppress(Exception):
+                self._close("dropped without close()")
 
     def __enter__(self) -> Vcpu:
         return self
@@ -354,7 +408,20 @@ class Vcpu:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Vcpu {self.id} of vm fd {self.vm.fd}>"
+        state = "" if self.__dict__.get("closed") is False else " (closed)"
+        return f"<Vcpu {self.id} of vm fd {self.__dict__.get('_vm_fd', '?')}{state}>"
+
+
+def enable_cap_struct(where: str, cap: int, args: tuple[int, ...], flags: int) -> Any:
+    """struct kvm_enable_cap for KVM_ENABLE_CAP (u32 cap and flags, up to four u64 args)."""
+    if len(args) > 4:
+        raise BadInput(where, "args", args, "has more than the 4 values struct kvm_enable_cap holds")
+    c = ffi.new("struct kvm_enable_cap *")
+    c.cap = check_uint(where, "cap", cap, 32)
+    c.flags = check_uint(where, "flags", flags, 32)
+    for i, a in enumerate(args):
+        c.args[i] = check_uint(where, f"args[{i}]", a, 64)
+    return c
 
 
 class _Deadline:

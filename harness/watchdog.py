@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from harness._kvm_cffi import lib
+from harness.failures import ClosedError
 
 if TYPE_CHECKING:
     from harness.vcpu import Vcpu
@@ -127,7 +128,7 @@ class Watchdog:
             return  # closed while the diagnostics ran: nothing to kick
         try:
             vcpu.kick()
-        except AttributeError:
+        except (AttributeError, ClosedError):
             pass  # closed between the check and the kick (close() drops the kvm_run mapping)
 
     def _collect(self, vcpu: Vcpu, reason: str) -> list[str]:

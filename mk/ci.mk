@@ -1,7 +1,8 @@
 # `make ci`: the KVM suite in parallel for a bare-metal CI runner. Results land in results/:
 # ktap.txt (KTAP v1, kselftest-compatible, checked with the strict parser in tests/), junit.xml
 # (with per-case properties), info.txt (what this machine offers and what skips). The exit status is
-# pytest's: 0 only when every case passed, skipped or failed as a known kernel issue.
+# pytest's: 0 only when every case passed, skipped or failed as a known kernel issue, and something
+# ran (a run where every case skipped exits 4, kselftest's skip code: see harness/pytest_outcome.py).
 RESULTS ?= results
 
 .PHONY: ci

@@ -1,4 +1,8 @@
-"""`python -m harness info`: what this machine offers the suite, and what will skip and why."""
+"""`python -m harness info`: what this machine offers the suite, and what will skip and why.
+
+Runs as any user: what it cannot read (an unusable /dev/kvm when not root, /dev/kmsg...) is said
+with the reason, in place and in a closing "not read" list. Exit status 0 (it reports, it does not
+judge); a missing /dev/kvm also exits 0 after saying every case will skip."""
 
 from __future__ import annotations
 
@@ -82,17 +86,22 @@ def predict_skips(kvm: Any, cpuid: Any, cases: Path = CASES_DIR) -> tuple[int, d
     return len(col.items), out
 
 
-def main() -> int:
-    print(f"kernel:        {platform.release()} ({platform.machine()})")
-    print(f"kvm backend:   {backend.name()}")
-    dev = os.environ.get("KVM_HARNESS_DEV", "/dev/kvm")
-    if not os.path.exists(dev):
-        print(f"{dev}: missing: every case will skip")
-        return 0
+def _kvm_section(dev: str) -> tuple[int, dict[str, list[str]], list[str]]:
+    """The KVM part: (cases, predicted skips, what could not be read and why)."""
     from harness.kvm import Kvm
     from harness.x86.modes import Mode, unsupported_reason
 
-    with Kvm(dev) as kvm:
+    try:
+        kvm = Kvm(dev)
+    except OSError as e:
+        who = f"uid {os.getuid()}" + (" (not root)" if os.getuid() else "")
+        why = (f"{dev}: cannot open it ({e.strerror}) as {who}: API version, capabilities, CPU, VM "
+               "types and guest modes not read; every case will skip (run as root, or with read-write "
+               f"access to {dev})")
+        print(why)
+        return 0, {}, [why]
+    total, predicted = 0, {}
+    with kvm:
         print(f"api version:   {kvm.api_version}")
         cpuid = kvm.supported_cpuid
         print(f"cpu:           {cpuid.vendor}, MAXPHYADDR {cpuid.maxphyaddr}, LA57 {'yes' if cpuid.la57 else 'no'}, "
@@ -109,30 +118,74 @@ def main() -> int:
         try:
             total, predicted = predict_skips(kvm, cpuid) if CASES_DIR.is_dir() else (0, {})
         except Exception as e:  # the doctor reports; it does not fail on a suite it cannot collect
-            total, predicted = 0, {}
             print(f"(could not collect {CASES_DIR}: {e!r})")
-    print("hugepages:")
-    for d in sorted(glob.glob("/sys/kernel/mm/hugepages/hugepages-*")):
-        print(f"  {os.path.basename(d)}: nr={_read(d + '/nr_hugepages')} free={_read(d + '/free_hugepages')}")
-    print(f"THP:           {_read('/sys/kernel/mm/transparent_hugepage/enabled')}")
-    print(f"/dev/kmsg:     {_kmsg_access()}")
+    return total, predicted, []
+
+
+def _section(name: str, fn: Any, missing: list[str]) -> Any:
+    """Run one section; a failure is reported as what could not be read, not as a traceback."""
+    try:
+        return fn()
+    except Exception as e:
+        why = f"{name}: not read ({type(e).__name__}: {e})"
+        print(why)
+        missing.append(why)
+        return None
+
+
+def main() -> int:
+    """Print what can be read; say what could not and why. Always exits 0 (a report, not a
+    verdict): an unusable /dev/kvm is reported in the output and under "not read"."""
+    missing: list[str] = []
+    print(f"kernel:        {platform.release()} ({platform.machine()})")
+    print(f"kvm backend:   {backend.name()}")
+    dev = os.environ.get("KVM_HARNESS_DEV", "/dev/kvm")
+    total, predicted = 0, {}
+    if not os.path.exists(dev):
+        print(f"{dev}: missing: every case will skip")
+        return 0
+    got = _section("KVM", lambda: _kvm_section(dev), missing)
+    if got is not None:
+        total, predicted, why = got
+        missing += why
+
+    def hugepages() -> None:
+        print("hugepages:")
+        for d in sorted(glob.glob("/sys/kernel/mm/hugepages/hugepages-*")):
+            print(f"  {os.path.basename(d)}: nr={_read(d + '/nr_hugepages')} free={_read(d + '/free_hugepages')}")
+        print(f"THP:           {_read('/sys/kernel/mm/transparent_hugepage/enabled')}")
+
+    _section("hugepages", hugepages, missing)
+    kmsg = _kmsg_access()
+    print(f"/dev/kmsg:     {kmsg}")
+    if kmsg != "yes":
+        missing.append(f"/dev/kmsg: {kmsg}")
     taint = _read("/proc/sys/kernel/tainted")
     letters = taint_letters(int(taint)) if taint.isdigit() else ""
     print(f"tainted:       {taint}{f' ({letters}): a new taint bit during a case fails it' if letters else ''}")
     n_skip = sum(len(v) for v in predicted.values())
-    print(f"will skip ({n_skip} of {total} cases, from markers and parameters; hugepage and backing skips "
-          "are decided at run time):")
-    for why, ids in sorted(predicted.items(), key=lambda kv: -len(kv[1])):
-        print(f"  {len(ids):4d}  {why}")
-        print(f"        e.g. {ids[0]}")
-    if not predicted:
-        print("  (nothing)")
-    issues = known_issues.in_force()
-    print(f"known kernel issues in force ({len(issues)}; strict xfails, `ok N name # XFAIL <reason>` in KTAP):")
-    for ki in issues:
-        print(f"  {ki.id}: {ki.reason}\n    cases: {', '.join(ki.cases)}")
-        if ki.evidence:
-            print(f"    evidence: {ki.evidence}")
+    if total:
+        print(f"will skip ({n_skip} of {total} cases, from markers and parameters; hugepage and backing skips "
+              "are decided at run time):")
+        for why, ids in sorted(predicted.items(), key=lambda kv: -len(kv[1])):
+            print(f"  {len(ids):4d}  {why}")
+            print(f"        e.g. {ids[0]}")
+        if not predicted:
+            print("  (nothing)")
+
+    def issues() -> None:
+        found = known_issues.in_force()
+        print(f"known kernel issues in force ({len(found)}; strict xfails, `ok N name # XFAIL <reason>` in KTAP):")
+        for ki in found:
+            print(f"  {ki.id}: {ki.reason}\n    cases: {', '.join(ki.cases)}")
+            if ki.evidence:
+                print(f"    evidence: {ki.evidence}")
+
+    _section("known issues", issues, missing)
+    if missing:
+        print(f"not read ({len(missing)}):")
+        for m in missing:
+            print(f"  {m}")
     return 0
 
 

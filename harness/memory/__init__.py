@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError
+from harness.failures import check_size
 from harness.memory.backings import (
     PAGE_4K,
     AnonBacking,
@@ -131,6 +132,5 @@ def create(name: str, size: int, *, vm: Vm | None = None, mounts: Mounts | None 
     pool, no guest_memfd mmap, no loop device...). Hugetlb kinds need their pages reserved first
     (harness.memory.fixtures does that)."""
     k = kind(name)
-    if size <= 0:
-        raise ValueError(f"backing size {size:#x} must be positive")
+    size = check_size(f"memory.create({name!r})", "size", size)
     return k.make(k.min_size(size), vm, mounts)

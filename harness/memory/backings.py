@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from harness import hostmem
 from harness.caps import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, Cap
 from harness.errors import HarnessError, KvmError
+from harness.failures import BadInput, check_size
 from harness.memory import usage
 from harness.memory.hugepages import PAGE_1G, PAGE_2M, size_name
 from harness.memory.mounts import MountError, Mounts, default_mounts
@@ -67,8 +68,8 @@ class Backing:
     guest_memfd_offset: int = 0
 
     def __init__(self, size: int) -> None:
-        if size <= 0:
-            raise ValueError(f"backing size {size:#x} must be positive")
+        self.closed = True  # a size refused below leaves nothing for __del__ to close
+        size = check_size(type(self).__name__, "size", size)
         self.length = _round_up(size, self.page_size)
         self.addr = 0
         self.fd = -1
@@ -156,9 +157,13 @@ class Backing:
         return f"<{type(self).__name__} {self.describe()}>"
 
     def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.length:
-            raise HarnessError(f"range {offset:#x}+{length:#x} is outside the {self.kind} backing "
-                               f"of {self.length:#x} bytes")
+        ints = isinstance(offset, int) and isinstance(length, int)
+        if not ints or offset < 0 or length < 0 or offset + length > self.length:
+            shown = f"{offset:#x}+{length:#x}" if ints else f"{offset!r}+{length!r}"
+            raise BadInput(f"{self.kind} backing", "range", shown,
+                           f"is outside the {self.kind} backing of {self.length:#x} bytes")
+        if self.closed:  # its address is 0 now: a view would fault the process
+            raise HarnessError(f"the {self.kind} backing is closed: its memory is unmapped")
 
 
 # ---- anonymous memory ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import shlex
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from harness.failures import seconds_arg
 from harness.memory import PAGE_4K
 from harness.race.engine import ORACLES, Race, RaceReport, RaceSpec, RaceUnsupported
 from harness.watchdog import WATCHDOG
@@ -28,10 +30,23 @@ if TYPE_CHECKING:
 DEFAULT_SECONDS = 1.0
 
 
+def seed(text: str) -> int:
+    """argparse type of --race-seed: a non-negative integer, as reports print it."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the seed must be >= 0")
+    return v
+
+
 def pytest_addoption(parser) -> None:
     g = parser.getgroup("kvm-harness races")
-    g.addoption("--race-seconds", type=float, default=None, help="duration of each race case (default ~1 s)")
-    g.addoption("--race-seed", type=int, default=None, help="seed for every race case (default: random, printed)")
+    g.addoption("--race-seconds", type=seconds_arg, default=None,
+                help="duration of each race case, seconds > 0 (default ~1 s)")
+    g.addoption("--race-seed", type=seed, default=None,
+                help="seed for every race case, an integer >= 0 (default: random, printed)")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -6,9 +6,12 @@ whose vCPU 0 starts at the payload's `_start` in the chosen mode (layout: guests
 
 from __future__ import annotations
 
+import operator
+import weakref
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.failures import BadInput, check_size, check_uint
 from harness.guest import GuestImage, load_image
 from harness.kvm import Kvm
 from harness.vcpu import Vcpu
@@ -34,12 +37,23 @@ class GuestVm(Vm):
     def __init__(self, kvm: Kvm, payload: str, mode: Mode | str = Mode.LONG64, *, nr_vcpus: int = 1,
                  arg: int = 0, vm_type: int = 0, identity_map: int = 1 << 30,
                  boot_backing: Any = None) -> None:
-        self.mode = Mode(mode)
+        # arguments first: nothing is loaded, created or mapped for a call that cannot work
+        try:
+            self.mode = Mode(mode)
+        except ValueError:
+            raise BadInput("GuestVm", "mode", mode, f"is not one of {[m.value for m in Mode]}") from None
+        try:
+            n = operator.index(nr_vcpus)
+        except TypeError:
+            raise BadInput("GuestVm", "nr_vcpus", nr_vcpus, "must be an int") from None
+        if not 1 <= n <= MAX_VCPUS:
+            raise BadInput("GuestVm", "nr_vcpus", nr_vcpus,
+                           f"must be in [1, {MAX_VCPUS}] (at most {MAX_VCPUS} vCPUs fit the boot slot's stack area)")
+        arg = check_uint("GuestVm", "arg", arg, 64)  # rsi of every vCPU
+        identity_map = check_size("GuestVm", "identity_map", identity_map)
         reason = unsupported_reason(self.mode, kvm.supported_cpuid)
         if reason:
             raise ModeUnsupported(reason)
-        if nr_vcpus > MAX_VCPUS:
-            raise HarnessError(f"at most {MAX_VCPUS} vCPUs fit the boot slot's stack area")
         # Load the image first: a missing build must not leave a half-made VM behind.
         bits = 16 if self.mode is Mode.REAL else self.mode.bits
         self.guest: GuestImage = load_image(payload, bits)
@@ -53,11 +67,13 @@ class GuestVm(Vm):
             self.pt: PageTables | None = None
             paging = self.mode.paging
             if paging is not None:
-                self.pt = PageTables(self, self._alloc_pt_page, paging, maxphyaddr=kvm.maxphyaddr)
+                # weak references: a GuestVm <-> PageTables cycle would keep a dropped VM's fds
+                # open until the garbage collector ran
+                self.pt = PageTables(weakref.proxy(self), _weak_alloc(self), paging, maxphyaddr=kvm.maxphyaddr)
                 big = 1 << 21
                 self.pt.map(0, 0, _round_up(identity_map, big), big)
             self.arg = arg
-            for _ in range(nr_vcpus):
+            for _ in range(n):
                 self.add_vcpu(arg)
         except BaseException:
             self.close()
@@ -80,6 +96,11 @@ class GuestVm(Vm):
 
     def add_vcpu(self, arg: int | None = None) -> Vcpu:
         """A vCPU that starts at the payload's entry with rdi = its index and rsi = arg."""
+        if arg is not None:
+            arg = check_uint("GuestVm.add_vcpu", "arg", arg, 64)
+        if len(self.vcpus) >= MAX_VCPUS:
+            raise BadInput("GuestVm.add_vcpu", "vcpu index", len(self.vcpus),
+                           f"has no stack: {MAX_VCPUS} vCPUs fill the boot slot's stack area")
         v = self.create_vcpu()
         v.set_cpuid(self.kvm.supported_cpuid)  # MAXPHYADDR follows the host only with SET_CPUID2
         s = v.get_sregs()
@@ -107,6 +128,9 @@ class GuestVm(Vm):
 
     def alloc(self, size: int, align: int = 8) -> int:
         """Memory from the boot slot's scratch area (identity-mapped, so GVA == GPA)."""
+        size = check_size("GuestVm.alloc", "size", size, zero_ok=True)
+        if not isinstance(align, int) or align < 1 or align & (align - 1):
+            raise BadInput("GuestVm.alloc", "align", align, "must be a power of two >= 1")
         gpa = _round_up(self._scratch_next, align)
         if gpa + size > SCRATCH[1]:
             raise HarnessError(f"scratch area exhausted ({size:#x} bytes asked)")
@@ -121,6 +145,18 @@ class GuestVm(Vm):
 
     def write_sym(self, name: str, data: bytes) -> None:
         self.write(self.sym(name), data)
+
+
+def _weak_alloc(vm: GuestVm) -> Any:
+    ref = weakref.ref(vm)
+
+    def alloc() -> int:
+        v = ref()
+        if v is None:
+            raise HarnessError("page-table allocation for a GuestVm that no longer exists")
+        return v._alloc_pt_page()
+
+    return alloc
 
 
 def _round_up(x: int, a: int) -> int:
