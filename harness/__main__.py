@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness")
     sub = ap.add_subparsers(dest="cmd", required=True)
     cmds = _commands()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and getattr(cmds.get(argv[0]), "RAW_ARGS", False):
+        # a command with actions of its own parses everything after its name itself
+        return cmds[argv[0]].run(argparse.Namespace(cmd=argv[0], argv=argv[1:]))  # type: ignore[attr-defined]
     for mod in cmds.values():
         mod.register(sub)
     args = ap.parse_args(argv)

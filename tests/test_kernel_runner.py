@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import kernel as kernel_cli
 from harness.qemu import image, initramfs, runner
 from harness.qemu.modules import ModuleError, ModuleTree, modname
 from harness.qemu.runner import BAD, GOOD, SKIP, GuestProgress, RunConfig, parse_sentinel, verdict
@@ -380,15 +379,27 @@ def test_cli_adds_no_cacheprovider(monkeypatch):
     seen = {}
     monkeypatch.setattr(runner, "run", lambda cfg, out: seen.setdefault("cfg", cfg) and runner.RunResult(
         GOOD, "verdict", "the cases passed"))
-    import argparse
+    from harness.__main__ import main
 
-    ap = argparse.ArgumentParser()
-    kernel_cli.register(ap.add_subparsers())
-    args = ap.parse_args(["kernel", "--kernel", "/k", "--cpus", "1", "--mem", "1G", "--", "cases/a.py", "-x"])
-    assert kernel_cli.run(args) == GOOD
+    assert main(["kernel", "--kernel", "/k", "--cpus", "1", "--mem", "1G", "--", "cases/a.py", "-x"]) == GOOD
     cfg = seen["cfg"]
     assert cfg.pytest_args == ["cases/a.py", "-x", "-p", "no:cacheprovider"]
     assert (cfg.cpus, cfg.mem, cfg.boot_failure) == (1, "1G", SKIP)
+    # `run` may be named; the other actions parse their own options
+    assert main(["kernel", "run", "--kernel", "/k", "--", "cases/b.py"]) == GOOD
+    assert seen["cfg"].pytest_args[0] == "cases/a.py"  # setdefault: first call kept; the second ran too
+
+
+def test_cli_refuses_known_unreliable_settings(tmp_path, capsys):
+    # two vCPUs under TCG crash 7.3.4 guests in __schedule: refused with the reason unless --force
+    from harness.__main__ import main
+
+    k = tmp_path / "bzImage"
+    k.write_bytes(b"\0" * 4096)
+    if not shutil.which(runner.QEMU) or not initramfs.find_busybox():
+        pytest.skip("needs qemu-system-x86_64 and busybox to get as far as choosing the accelerator")
+    assert main(["kernel", "--kernel", str(k), "--accel", "tcg", "--cpus", "2", "--", "x"]) == SKIP
+    assert "refused: 2 vCPUs under TCG" in capsys.readouterr().out
 
 
 # ---- real boots: Debian's 6.1 kernel under QEMU --------------------------------------------------

@@ -77,6 +77,12 @@ mount -t tmpfs tmpfs $R/var/tmp
 if [ -n "$KEEP" ]; then mkdir -p "$R$KEEP" && mount -o bind /rw/keep "$R$KEEP"; fi
 mount -t tmpfs tmpfs $R/run 2>/dev/null
 mkdir -p $R/dev/shm $R/tmp/kh && mount -t tmpfs tmpfs $R/dev/shm
+# the one folder the guest writes back to the host (results: KTAP, JUnit), at the host's path
+OUT={outdir}
+if [ -n "$OUT" ]; then
+    mkdir -p "$R$OUT" && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 khout "$R$OUT" \
+        || say "cannot mount the results folder $OUT: results stay in the guest"
+fi
 cp /kh/args.json $R/tmp/kh/args.json
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TERM=dumb LANG=C.UTF-8
 kvm=MISSING; [ -e $R/dev/kvm ] && kvm=present
@@ -95,6 +101,7 @@ class GuestSpec:
     python: str
     nonce: str
     env: dict[str, str] = field(default_factory=dict)
+    outdir: str = ""  # host folder shared read-write at the same path (runner.RunConfig.outdir)
 
 
 def render_init(spec: GuestSpec, base: list[str], amd: list[str], intel: list[str]) -> str:
@@ -103,7 +110,8 @@ def render_init(spec: GuestSpec, base: list[str], amd: list[str], intel: list[st
 
     keep = next((spec.cwd for top in ("/tmp/", "/var/tmp/") if (spec.cwd + "/").startswith(top)), "")
     return INIT_TEMPLATE.format(nonce=spec.nonce, base=words(base), amd=words(amd), intel=words(intel),
-                                python=shlex.quote(spec.python), keep=shlex.quote(keep) if keep else '""')
+                                python=shlex.quote(spec.python), keep=shlex.quote(keep) if keep else '""',
+                                outdir=shlex.quote(spec.outdir) if spec.outdir else '""')
 
 
 def find_busybox() -> str | None:

@@ -38,6 +38,7 @@ from harness.qemu import image, initramfs
 from harness.qemu.modules import ModuleError, ModuleTree
 
 GOOD, BAD, SKIP = 0, 1, 125
+ABORT = 128  # the selection itself is wrong (collects nothing, a usage error): git bisect run must stop
 QEMU = "qemu-system-x86_64"
 REPO = Path(__file__).resolve().parents[2]
 _SENTINEL = re.compile(r"@@KH-(BOOTED|RESULT|EXIT) ([0-9a-f]+)(?: (-?\d+))?@@")
@@ -58,6 +59,8 @@ class RunConfig:
     accel: str = "auto"  # auto | kvm | tcg
     machine: str = "auto"  # auto | microvm | q35
     append: str = ""
+    outdir: Path | None = None  # a host folder the guest may write (mounted read-write at the same path)
+    force: bool = False  # run settings known to be unreliable (more than one vCPU under TCG) anyway
     qemu: str = QEMU
     python: str = sys.executable
     cwd: str = str(REPO)
@@ -104,11 +107,13 @@ class GuestProgress:
 
 def verdict(p: GuestProgress, *, qemu_rc: int | None, timed_out: bool, boot_failure: int = SKIP,
             crash: int = BAD, killed: bool = False) -> tuple[int, str, str]:
-    """(exit code, outcome, reason) from how far the guest got; only 0, 1, 125 or the configured
-    boot-failure/crash codes come out, since anything else would abort a `git bisect run`."""
+    """(exit code, outcome, reason) from how far the guest got; only 0, 1, 125, 128 (the harness inside
+    said the selection is wrong: a typo must stop a `git bisect run`, not skip every commit) or the
+    configured boot-failure/crash codes come out."""
     if p.result is not None:
-        if p.result in (GOOD, BAD, SKIP):
-            word = {GOOD: "the cases passed", BAD: "a case failed", SKIP: "cannot test inside the guest"}[p.result]
+        if p.result in (GOOD, BAD, SKIP, ABORT):
+            word = {GOOD: "the cases passed", BAD: "a case failed", SKIP: "cannot test inside the guest",
+                    ABORT: "the selection is wrong (abort the bisect)"}[p.result]
             return p.result, "verdict", f"{word} ({p.why})" if p.why else word
         return SKIP, "harness-died", f"the harness answered {p.result}, not a bisect code"
     if killed:  # QEMU was signalled from outside: says nothing about the kernel
@@ -155,6 +160,14 @@ def default_cpus(accel: str) -> int:
     return 1 if accel == "tcg" else 2
 
 
+def unreliable(accel: str, cpus: int) -> str | None:
+    """Why a setting is known to give verdicts that are not the kernel's, or None."""
+    if accel == "tcg" and cpus > 1:
+        return (f"{cpus} vCPUs under TCG: guests died of an int3 Oops in __schedule within 70 s (Debian 7.3.4) "
+                "and lost wakeups until the timeout (6.1), which would blame the kernel for the emulator")
+    return None
+
+
 def kernel_config(kernel: Path) -> dict[str, str]:
     """The kernel's .config when it sits where builds and packages put it (a build tree's root,
     /boot/config-VER next to vmlinuz-VER); empty when unknown."""
@@ -162,6 +175,7 @@ def kernel_config(kernel: Path) -> dict[str, str]:
     name = kernel.name
     if name.startswith(("vmlinuz-", "vmlinux-")):
         candidates.append(kernel.with_name("config-" + name.split("-", 1)[1]))
+    candidates.append(kernel.with_name("config"))  # usr/lib/modules/VER/{vmlinuz,config}
     for up in kernel.parents[:4]:  # the image's dir up to a tree's root (arch/x86/boot/)
         candidates.append(up / ".config")
     for c in candidates:
@@ -245,7 +259,7 @@ def kernel_cmdline(accel: str, append: str, tsc_khz: int | None) -> str:
 
 
 def qemu_command(*, qemu: str, accel: str, machine: str, kernel: Path, initrd: Path, cpus: int, mem: str,
-                 cmdline: str, phys_bits: int | None = None, share: str = "/") -> list[str]:
+                 cmdline: str, phys_bits: int | None = None, share: str = "/", outdir: Path | None = None) -> list[str]:
     if not _MEM.match(mem):
         raise ValueError(f"--mem {mem!r}: a size like 2G or 1536M")
     if cpus < 1:
@@ -258,6 +272,10 @@ def qemu_command(*, qemu: str, accel: str, machine: str, kernel: Path, initrd: P
            "-fsdev", f"local,id=hostroot,path={share},security_model=none,readonly=on,multidevs=remap",
            "-device", ("virtio-9p-device" if machine == "microvm" else "virtio-9p-pci")
            + ",fsdev=hostroot,mount_tag=hostroot"]
+    if outdir is not None:
+        cmd += ["-fsdev", f"local,id=khout,path={outdir},security_model=none",
+                "-device", ("virtio-9p-device" if machine == "microvm" else "virtio-9p-pci")
+                + ",fsdev=khout,mount_tag=khout"]
     if accel == "kvm":
         cmd += ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -327,7 +345,10 @@ def _run_in(cfg: RunConfig, out: TextIO, mods_dir: Path | None, busybox: str, t0
         modules = ModuleTree.scan(mods_dir) if mods_dir else None
         nonce = secrets.token_hex(8)
         env = {k: v for k, v in os.environ.items() if k.startswith("KVM_HARNESS_")}
-        spec = initramfs.GuestSpec(cfg.pytest_args, cfg.cwd, cfg.python, nonce, env)
+        if cfg.outdir is not None:
+            cfg.outdir.mkdir(parents=True, exist_ok=True)
+        spec = initramfs.GuestSpec(cfg.pytest_args, cfg.cwd, cfg.python, nonce, env,
+                                   str(cfg.outdir.resolve()) if cfg.outdir else "")
         loads = initramfs.build(tmp / "initramfs.cpio", spec, modules, busybox)
         _say(out, f"modules from {mods_dir or '(none: all built in?)'}: "
                   f"{' '.join(loads['base']) or '-'} | amd: {' '.join(loads['amd']) or '-'} "
@@ -335,9 +356,15 @@ def _run_in(cfg: RunConfig, out: TextIO, mods_dir: Path | None, busybox: str, t0
         accel, why = choose_accel(cfg.accel, nested_available() if cfg.accel == "auto" else None)
         machine = choose_machine(cfg.machine, kernel_config(cfg.kernel))
         cpus = cfg.cpus or default_cpus(accel)
+        why_not = unreliable(accel, cpus)
+        if why_not and not cfg.force:
+            return RunResult(SKIP, "setup", f"refused: {why_not} (--force runs it anyway)")
+        if why_not:
+            _say(out, f"warning: {why_not}; running anyway (--force)")
         cmd = qemu_command(qemu=cfg.qemu, accel=accel, machine=machine, kernel=img.path,
                            initrd=tmp / "initramfs.cpio", cpus=cpus, mem=cfg.mem,
-                           cmdline=kernel_cmdline(accel, cfg.append, host_tsc_khz()), phys_bits=host_phys_bits())
+                           cmdline=kernel_cmdline(accel, cfg.append, host_tsc_khz()), phys_bits=host_phys_bits(),
+                           outdir=cfg.outdir.resolve() if cfg.outdir else None)
         _say(out, f"accel {accel} ({why}), machine {machine}, {cpus} cpus, {cfg.mem}; "
                   f"boot timeout {cfg.boot_timeout:g} s, overall {cfg.timeout:g} s")
         res = _boot(cmd, nonce, cfg, out, t0)

@@ -1,0 +1,97 @@
+"""`python -m harness matrix --kernels host,debian:6.1,debian:7.3.4 -- <pytest args>`: the selection on
+each kernel (the host directly, the others under QEMU), one table of cases x kernels in
+results/matrix/ (matrix.txt, matrix.json, index.html; each kernel's KTAP, JUnit and console under
+results/matrix/<kernel>/). Exit 0 only when no cell failed or strictly XPASSed and every kernel
+gave a verdict. `--check-known-issues` also reports known-issues.toml entries whose kernel range
+disagrees with the cells (with `--no-run`: on the results already there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from harness import known_issues
+from harness.cli import kernel as kernel_cli
+from harness.matrix import known, report
+from harness.matrix import run as mrun
+from harness.matrix.cells import KernelRun
+from harness.qemu import debian
+
+DEFAULT_KERNELS = "host,debian:6.1,debian:6.12,debian:7.2,debian:7.3"
+RAW_ARGS = True
+
+
+def register(sub) -> None:
+    p = sub.add_parser("matrix", help="run a selection on many kernels and tabulate the cells", add_help=False,
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness matrix", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernels", default=DEFAULT_KERNELS, help="comma-separated: host, debian:VER, or image paths "
+                   "(default %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("results/matrix"), help="results folder (default %(default)s)")
+    p.add_argument("--host-args", default="-n 2", help="extra pytest args for the host run (default %(default)r)")
+    p.add_argument("--check-known-issues", action="store_true",
+                   help="report known-issues.toml entries whose kernel range disagrees with the cells")
+    p.add_argument("--no-run", action="store_true", help="use the results already in --out")
+    kernel_cli.add_run_options(p, kernel_required=False)
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: the pytest selection")
+    return p
+
+
+def run(args) -> int:
+    ns = _parser().parse_args(list(args.argv))
+    kernels = [k.strip() for k in ns.kernels.split(",") if k.strip()]
+    rest = kernel_cli.pytest_rest(ns.pytest_args)
+    command = ["python", "-m", "harness", "matrix", *args.argv]
+    archive = debian.Archive()
+    configs: dict[str, frozenset[str]] = {}
+    runs: list[KernelRun] = []
+
+    def resolve(name: str) -> tuple[Path, Path | None]:
+        image, modules = kernel_cli.resolve_kernel(name, None, log=lambda m: print(f"[{name}] {m}"))
+        configs[name] = known.config_of(image.with_name("config") if image.name == "vmlinuz"
+                                        else image.with_name("config-" + image.name.split("-", 1)[-1]))
+        return image, modules
+
+    for k in kernels:
+        if ns.no_run:
+            kr = mrun.load_kernel(ns.out, k)
+            if kr is None:
+                print(f"matrix: no results for {k} in {ns.out}", file=sys.stderr)
+                return 2
+        else:
+            print(f"matrix: {k}: starting ({len(runs) + 1}/{len(kernels)})", flush=True)
+            kr = mrun.run_kernel(k, rest, ns.out, host_args=shlex.split(ns.host_args),
+                                 make_config=lambda img, mods, a, d: kernel_cli.run_config(ns, img, mods, a, d),
+                                 resolve=resolve)
+            print(f"matrix: {k}: exit {kr.code} ({kr.outcome}) in {kr.seconds:.0f} s: "
+                  + (", ".join(f"{v} {o}" for o, v in kr.counts().items()) or kr.reason), flush=True)
+        if k == "host":
+            configs[k] = known_issues.kernel_config()
+        elif k not in configs and k.startswith("debian:"):
+            try:
+                f = archive.fetched(archive.resolve(k))
+                configs[k] = known.config_of(f.config if f else None)
+            except debian.KernelFetchError:
+                configs[k] = frozenset()
+        runs.append(kr)
+    paths = report.write(runs, ns.out, command)
+    print(report.text(runs, command, only_interesting=True))
+    print("matrix: " + ", ".join(f"{k} {p}" for k, p in paths.items()))
+    print("matrix: time per kernel: " + ", ".join(f"{r.kernel} {r.seconds:.0f} s" for r in runs))
+    code = report.verdict(runs)
+    if ns.check_known_issues:
+        found = known.disagreements(runs, known_issues.load(), configs)
+        for line in found:
+            print(f"known issue range: {line}")
+        print(f"matrix: known issues: {len(found)} disagreement(s) with the cells")
+        if found:
+            code = 1
+    return code

@@ -1,0 +1,156 @@
+"""The kernel matrix and the packaged-version bisect: pure logic (cells from JUnit, the table, the
+known-issue range check, the binary search, Debian name resolution). Real boots are in
+tests/test_kernel_runner.py."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from harness import known_issues
+from harness.matrix import known, report
+from harness.matrix.cells import Cell, KernelRun, from_junit, ktap_header
+from harness.qemu import debian, runner
+from harness.qemu import version_bisect as vb
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="cases.test_memslots" name="test_bad_input[gpa-wraps]" time="0.1" />
+<testcase classname="cases.test_memslots" name="test_bad_input[gmem-binding-overlap]" time="0.2">
+ <properties><property name="known_issue" value="gmem-binding-overlap-einval" /></properties>
+ <failure message="[XPASS(strict)] known kernel issue gmem-binding-overlap-einval: EINVAL">x</failure></testcase>
+<testcase classname="cases.test_dirty_log" name="test_dirty_ring_never_overflows" time="1">
+ <properties><property name="known_issue" value="pvm-dirty-ring-overflow" /></properties>
+ <skipped type="pytest.xfail" message="known kernel issue pvm-dirty-ring-overflow: ring" /></testcase>
+<testcase classname="cases.test_dirty_log" name="test_dirty_concurrent_no_loss[ring-anon]" time="1">
+ <properties><property name="known_issue" value="pvm-dirty-ring-overflow-concurrent" /></properties></testcase>
+<testcase classname="cases.test_backings" name="test_guest_memfd_source" time="0">
+ <skipped type="pytest.skip" message="KVM_CAP_GUEST_MEMFD is 0 on this kernel" /></testcase>
+<testcase classname="cases.test_races" name="test_race[slot-readd-anon-2vcpu-4k]" time="1">
+ <failure message="kernel health: 1 kernel log splat (WARNING)&#10;more">WARNING: at tdp_mmu.c:1137</failure></testcase>
+<testcase classname="cases.test_system" name="test_x" time="0"><error message="fixture failed">tb</error></testcase>
+</testsuite></testsuites>"""
+
+
+@pytest.fixture
+def cells(tmp_path: Path) -> dict[str, Cell]:
+    p = tmp_path / "junit.xml"
+    p.write_text(JUNIT)
+    return from_junit(p)
+
+
+def test_cells_from_junit(cells):
+    c = cells
+    assert c["cases/test_memslots.py::test_bad_input[gpa-wraps]"].outcome == "pass"
+    xp = c["cases/test_memslots.py::test_bad_input[gmem-binding-overlap]"]
+    assert (xp.outcome, xp.issue, xp.strict, xp.bad) == ("xpass", "gmem-binding-overlap-einval", True, True)
+    xf = c["cases/test_dirty_log.py::test_dirty_ring_never_overflows"]
+    assert (xf.outcome, xf.issue, xf.bad) == ("xfail", "pvm-dirty-ring-overflow", False)
+    soft = c["cases/test_dirty_log.py::test_dirty_concurrent_no_loss[ring-anon]"]
+    assert (soft.outcome, soft.strict, soft.bad) == ("xpass", False, False)
+    sk = c["cases/test_backings.py::test_guest_memfd_source"]
+    assert (sk.outcome, sk.detail) == ("skip", "KVM_CAP_GUEST_MEMFD is 0 on this kernel")
+    f = c["cases/test_races.py::test_race[slot-readd-anon-2vcpu-4k]"]
+    assert f.outcome == "fail" and f.detail == "kernel health: 1 kernel log splat (WARNING)" and "1137" in f.text
+    assert c["cases/test_system.py::test_x"].outcome == "error"
+
+
+def test_ktap_header(tmp_path):
+    p = tmp_path / "k.txt"
+    p.write_text("KTAP version 1\n1..3\n# kernel 7.3.4+deb13-amd64 (x86_64)\n# backend kvm_amd\nok 1 a\n")
+    assert ktap_header(p) == {"release": "7.3.4+deb13-amd64", "backend": "kvm_amd"}
+
+
+def test_table_text_json_html_and_verdict(cells, tmp_path):
+    host = KernelRun("host", "6.18.44", "kvm_pvm", 0, "verdict", "", 10.0,
+                     {"cases/test_memslots.py::test_bad_input[gpa-wraps]": Cell("pass")})
+    deb = KernelRun("debian:7.3.4", "7.3.4+deb13-amd64", "kvm_amd", 1, "verdict", "", 80.0, cells)
+    runs = [host, deb]
+    txt = report.text(runs, ["python", "-m", "harness", "matrix"])
+    assert "XPASS(gmem-binding-overlap-einval)" in txt and "xfail(pvm-dirty-ring-overflow)" in txt
+    assert "3 failing cell(s)" in txt  # strict xpass, fail, error; not the non-strict xpass
+    data = json.loads(report.to_json(runs, ["x"]))
+    assert data["cells"]["cases/test_memslots.py::test_bad_input[gpa-wraps]"]["host"]["outcome"] == "pass"
+    page = report.to_html(runs, ["x"])
+    assert page.count('<a href="#d') == 4  # 3 failing cells and 1 xfail link to their text
+    assert "WARNING: at tdp_mmu.c:1137" in page
+    assert report.verdict(runs) == 1 and report.verdict([host]) == 0
+    assert report.verdict([KernelRun("debian:6.1", outcome="boot-failure")]) == 1  # no verdict, no pass
+
+
+def _issue(**kw) -> known_issues.KnownIssue:
+    case = "cases/test_memslots.py::test_bad_input[gmem-binding-overlap]"
+    base = {"id": "gmem-binding-overlap-einval", "cases": (case,), "reason": "r", "kernel": ">=6.8"}
+    base.update(kw)
+    return known_issues.KnownIssue(**base)
+
+
+def test_known_issue_ranges_against_cells(cells):
+    deb = KernelRun("debian:7.3.4", "7.3.4+deb13-amd64", "kvm_amd", 1, "verdict", cells=cells)
+    found = known.disagreements([deb], [_issue()], {})
+    assert len(found) == 1 and "XPASSes: the bug is fixed there" in found[0]
+    assert known.disagreements([deb], [_issue(kernel=">=6.8, <7.3")], {}) == []
+    old = KernelRun("debian:6.1", "6.1.0-50-amd64", "kvm_amd", 1, "verdict",
+                    cells={"cases/test_memslots.py::test_bad_input[gmem-binding-overlap]": Cell("fail", "EINVAL")})
+    (line,) = known.disagreements([old], [_issue(kernel=">=6.8")], {})
+    assert "outside kernel = '>=6.8'" in line and "fails" in line
+    # a backend-specific entry says nothing about another backend's failure
+    assert known.disagreements([old], [_issue(kernel=">=6.8", backend="kvm_pvm")], {}) == []
+
+
+def _k(up: str) -> debian.Kernel:
+    return debian.Kernel(up + "-amd64", f"linux-image-{up}-amd64", up + "-1", up, ("x",))
+
+
+def test_version_search_finds_the_first_bad_and_skips_untestable():
+    vs = [_k(v) for v in ("6.12.1", "6.12.2", "6.13.1", "6.14.1", "7.0.1", "7.1.1", "7.2.1")]
+    first_bad = 4
+    tested = []
+
+    def test(k: debian.Kernel) -> int:
+        tested.append(k.upstream)
+        i = vs.index(k)
+        if k.upstream == "6.14.1":
+            return runner.SKIP
+        return runner.BAD if i >= first_bad else runner.GOOD
+
+    code, lo, hi, skipped = vb.search(vs, test, io.StringIO())
+    assert (code, vs[hi].upstream, vs[lo].upstream) == (vb.UNDECIDED, "7.0.1", "6.13.1")
+    assert skipped == [3] and tested[:2] == ["6.12.1", "7.2.1"]  # both ends first
+    code, lo, hi, _ = vb.search(vs, lambda k: runner.BAD if vs.index(k) >= 5 else runner.GOOD, io.StringIO())
+    assert (code, vs[lo].upstream, vs[hi].upstream) == (vb.FOUND, "7.0.1", "7.1.1")
+    out = io.StringIO()
+    assert vb.search(vs, lambda k: runner.GOOD, out)[0] == vb.ENDS_WRONG
+    assert "the ends do not hold" in out.getvalue()
+
+
+def test_between_leaves_out_release_candidates_unless_asked():
+    ks = [_k("7.2.13"), debian.Kernel("7.3-amd64", "linux-image-7.3-amd64", "7.3~rc7-1", "7.3-rc7", ("x",)),
+          _k("7.3.4")]
+    assert [k.upstream for k in vb.between(ks, ks[0], ks[2])] == ["7.2.13", "7.3.4"]
+    assert [k.upstream for k in vb.between(ks, ks[0], ks[2], include_rc=True)] == ["7.2.13", "7.3-rc7", "7.3.4"]
+    assert ks[1].key < ks[2].key  # an rc sorts before its release
+
+
+def test_debian_names_resolve(monkeypatch, tmp_path):
+    ks = [_k("6.1.176"), _k("6.12.95"), _k("6.12.117"), _k("7.2.6+deb13"), _k("7.3.4"),
+          debian.Kernel("7.3-amd64", "linux-image-7.3-amd64", "7.3~rc7-1", "7.3-rc7", ("x",))]
+    ks = [debian.Kernel(k.abi, k.package, k.version, debian.upstream_of(k.version), k.parts) for k in ks]
+    a = debian.Archive(tmp_path)
+    monkeypatch.setattr(a, "kernels", lambda: sorted(ks, key=lambda k: k.key))
+    assert a.resolve("debian:6.12").upstream == "6.12.117"
+    assert a.resolve("debian:latest").upstream == "7.3.4"
+    assert a.resolve("debian:7.3-rc7").abi == "7.3-amd64"
+    assert a.resolve("debian:6.1").upstream == "6.1.176"
+    with pytest.raises(debian.KernelFetchError, match="no such kernel"):
+        a.resolve("debian:6.13")
+    with pytest.raises(debian.KernelFetchError, match="not a packaged kernel name"):
+        a.resolve("7.3.4")
+    assert debian.upstream_of("7.3.4-1~bpo13+1") == "7.3.4" and debian.upstream_of("7.3~rc7-1~exp1") == "7.3-rc7"
+
+
+def test_unreliable_settings_are_named():
+    assert runner.unreliable("tcg", 2) and "int3" in runner.unreliable("tcg", 2)  # type: ignore[operator]
+    assert runner.unreliable("tcg", 1) is None and runner.unreliable("kvm", 4) is None
