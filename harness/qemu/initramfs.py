@@ -21,9 +21,10 @@ from harness.qemu.modules import ModuleTree
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 
 # Always wanted when they are modules (absent from the tree = built in): virtio transport (mmio for
-# microvm, pci for q35/pc), 9p over virtio, overlayfs. Then one of the vendor KVM modules: ccp is
-# kvm_amd's soft dependency (SEV), which .modinfo `depends=` does not name.
-BASE_MODULES = ["virtio_mmio", "virtio_pci", "9pnet_virtio", "9p", "overlay"]
+# microvm, pci for q35/pc), 9p over virtio, overlayfs, loop (the ext4-on-loop backing: without it
+# the file-backed cases skipped in the guest, "losetup: cannot find an unused loop device"). Then one
+# of the vendor KVM modules: ccp is kvm_amd's soft dependency (SEV), which .modinfo `depends=` does not name.
+BASE_MODULES = ["virtio_mmio", "virtio_pci", "9pnet_virtio", "9p", "overlay", "loop"]
 AMD_MODULES = ["ccp", "kvm_amd"]
 INTEL_MODULES = ["kvm_intel"]
 
