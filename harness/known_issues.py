@@ -14,6 +14,9 @@ The expectations live in known-issues.toml at the top of the repo:
                                                    # prints; the kernel-log oracle accepts it in every
                                                    # case while the issue is in force (under -n N the
                                                    # splat lands in other workers' windows too)
+    reproducer = "reproducers/<id>.c"              # optional: a standalone C reproducer (exit 0 fixed,
+                                                   # 1 reproduced, 4 cannot test), run by
+                                                   # cases/test_reproducers.py (name that case too)
     strict = false                                 # optional, default true: false only where the bug
                                                    # reproduces by chance (evidence gives the rate),
                                                    # so a pass proves nothing
@@ -55,6 +58,7 @@ class KnownIssue:
     config: tuple[str, ...] = field(default_factory=tuple)
     kmsg: str | None = None
     strict: bool = True
+    reproducer: str = ""  # a standalone program that shows the bug (path from the file's folder)
 
     def applies(self, release: str | None = None, backend_name: str | None = None,
                 config: frozenset[str] | None = None) -> bool:
@@ -149,17 +153,20 @@ def load(path: Path | str | None = None) -> list[KnownIssue]:
             raise ValueError(f"{p}: issue {d['id']!r} has unknown keys {sorted(unknown)}")
         if d.get("kmsg"):
             re.compile(d["kmsg"])
+        if d.get("reproducer") and not (p.parent / d["reproducer"]).is_file():
+            raise ValueError(f"{p}: issue {d['id']!r} names reproducer {d['reproducer']!r}, which does not exist")
         cfg = d.get("config", ())
         out.append(KnownIssue(
             id=d["id"], cases=tuple(d["cases"]), reason=d["reason"], evidence=d.get("evidence", ""),
             fix=d.get("fix", ""), backend=d.get("backend"), kernel=d.get("kernel"),
             config=tuple([cfg] if isinstance(cfg, str) else cfg), kmsg=d.get("kmsg"),
-            strict=bool(d.get("strict", True)),
+            strict=bool(d.get("strict", True)), reproducer=d.get("reproducer", ""),
         ))
     return out
 
 
-_KEYS = {"id", "cases", "reason", "evidence", "fix", "backend", "kernel", "config", "kmsg", "strict"}
+_KEYS = {"id", "cases", "reason", "evidence", "fix", "backend", "kernel", "config", "kmsg", "strict",
+         "reproducer"}
 
 
 def in_force(issues: list[KnownIssue] | None = None) -> list[KnownIssue]:

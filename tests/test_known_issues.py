@@ -62,3 +62,34 @@ def test_strict_defaults_true_and_can_be_lifted(tmp_path):
     a, b = load(p)
     assert a.strict and not b.strict
     assert "not strict" in b.xfail_reason() and "not strict" not in a.xfail_reason()
+
+
+def test_reproducer_must_exist(tmp_path):
+    p = tmp_path / "k.toml"
+    p.write_text('[[issue]]\nid = "a"\ncases = ["c"]\nreason = "r"\nreproducer = "reproducers/a.c"\n')
+    with pytest.raises(ValueError, match=r"reproducers/a\.c"):
+        load(p)
+    (tmp_path / "reproducers").mkdir()
+    (tmp_path / "reproducers" / "a.c").write_text("int main(void) { return 0; }\n")
+    (ki,) = load(p)
+    assert ki.reproducer == "reproducers/a.c"
+
+
+def test_repo_reproducers_exist_and_compile(tmp_path):
+    """Every reproducer known-issues.toml names is there and builds warning-free on its own."""
+    import shutil
+    import subprocess
+
+    from harness.known_issues import default_file
+
+    named = {ki.reproducer for ki in load() if ki.reproducer}
+    assert named, "known-issues.toml names no reproducer"
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc on PATH")
+    for rel in sorted(named):
+        src = default_file().parent / rel
+        assert src.is_file(), f"{rel} is missing"
+        r = subprocess.run([gcc, "-O2", "-Wall", "-Werror", "-o", str(tmp_path / src.stem), str(src)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"gcc -Wall -Werror {rel}:\n{r.stderr}"
