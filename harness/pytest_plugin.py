@@ -19,7 +19,7 @@ import pytest
 
 from harness import backend, known_issues
 from harness.caps import Cap
-from harness.failures import VcpuTimeout, seconds_arg
+from harness.failures import BadInput, VcpuTimeout, seconds_arg
 from harness.health import case as case_health
 from harness.health import diagnostics, leaks
 from harness.health.exclusive import KmsgLock
@@ -348,6 +348,9 @@ def vm(request: pytest.FixtureRequest, kvm: Kvm) -> Iterator[Vm]:
         v: Vm = kvm.create_vm()
     else:
         kw = dict(m.kwargs)
+        n = kw.get("nr_vcpus", 1)
+        if not (isinstance(n, int) and n >= 1):  # the marker promises a guest ready to run
+            raise BadInput("@pytest.mark.guest", "nr_vcpus", n, "must be an int >= 1 (the `vcpu` fixture runs vCPU 0)")
         if "mode" not in kw and "mode" in request.fixturenames:
             kw["mode"] = request.getfixturevalue("mode")
         try:

@@ -46,9 +46,11 @@ class GuestVm(Vm):
             n = operator.index(nr_vcpus)
         except TypeError:
             raise BadInput("GuestVm", "nr_vcpus", nr_vcpus, "must be an int") from None
-        if not 1 <= n <= MAX_VCPUS:
+        # 0 is allowed: VM-wide set-up first (dirty ring, manual protect), then add_vcpu()
+        if not 0 <= n <= MAX_VCPUS:
             raise BadInput("GuestVm", "nr_vcpus", nr_vcpus,
-                           f"must be in [1, {MAX_VCPUS}] (at most {MAX_VCPUS} vCPUs fit the boot slot's stack area)")
+                           f"must be in [0, {MAX_VCPUS}] (at most {MAX_VCPUS} vCPUs fit the boot slot's stack area; "
+                           "0: add them with add_vcpu())")
         arg = check_uint("GuestVm", "arg", arg, 64)  # rsi of every vCPU
         identity_map = check_size("GuestVm", "identity_map", identity_map)
         reason = unsupported_reason(self.mode, kvm.supported_cpuid)
