@@ -18,6 +18,7 @@ import pytest
 
 from harness.errors import KvmError
 from harness.failures import ClosedError
+from harness.health.leaks import open_fds
 from harness.kvm import Kvm
 from harness.vcpu import Vcpu
 from harness.vm import Vm
@@ -28,14 +29,7 @@ CODE_GPA = 0x200000
 SPIN = bytes([0xEB, 0xFE])  # jmp . : a guest that only moves if someone runs it
 
 
-def _fds() -> dict[int, str]:
-    out = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass  # the directory's own fd, gone by now
-    return out
+_fds = open_fds  # fd -> what it points at
 
 
 def _vcpu_maps() -> int:

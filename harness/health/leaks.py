@@ -44,7 +44,8 @@ DEFAULT_ANON_MB = 512
 _LIB_RE = re.compile(r"\.so(\.[0-9.]+)?$|/python[0-9.]*$|\.pyc$")
 
 
-def _fds() -> dict[int, str]:
+def open_fds() -> dict[int, str]:
+    """This process's open fds and what each points at."""
     out = {}
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -155,7 +156,7 @@ class Snapshot:
 def snapshot(mount_dirs: list[str] | None = None) -> Snapshot:
     maps, anon = _maps()
     pools, holders = _hugepages()
-    return Snapshot(_fds(), _threads(), maps, anon, psutil.Process().memory_info().rss, pools, holders,
+    return Snapshot(open_fds(), _threads(), maps, anon, psutil.Process().memory_info().rss, pools, holders,
                     _mounts(mount_dirs or []))
 
 

@@ -60,13 +60,10 @@ int open(const char *path, int flags, ...)
 	va_list ap;
 	mode_t mode;
 
-	init();
 	va_start(ap, flags);
 	mode = va_arg(ap, mode_t);
 	va_end(ap);
-	if (is_kmsg(path) && (flags & O_ACCMODE) == O_RDONLY)
-		return open_spool(flags);
-	return real_open(path, flags, mode);
+	return openat(AT_FDCWD, path, flags, mode);
 }
 
 int open64(const char *path, int flags, ...) __attribute__((alias("open")));
