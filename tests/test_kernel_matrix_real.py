@@ -107,3 +107,21 @@ def test_version_bisect_finds_the_first_version_with_a_planted_regression(archiv
     assert code == vb.FOUND, text[-3000:]
     assert "first bad debian:7.3.4" in text and "last good debian:7.2.13" in text
     assert "git bisect start v7.3.4 v7.2.13" in text
+
+
+def test_module_parameters_on_the_command_line_reach_the_modules(archive):
+    # busybox insmod reads nothing from the command line: --append kvm.tdp_mmu=0 once did nothing
+    case = REPO / ".cache" / "kernels" / "selftest" / f"test_param_{os.getpid()}.py"
+    case.parent.mkdir(parents=True, exist_ok=True)
+    case.write_text(textwrap.dedent("""
+        def test_tdp_mmu_is_off(kvm):
+            with open("/sys/module/kvm/parameters/tdp_mmu") as f:
+                assert f.read().strip() == "N"
+    """))
+    try:
+        r = _cli("kernel", "--kernel", "debian:7.3.4", "--append", "kvm.tdp_mmu=0", "--",
+                 str(case.relative_to(REPO)), timeout=600)
+    finally:
+        case.unlink()
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "insmod kvm tdp_mmu=0" in r.stdout

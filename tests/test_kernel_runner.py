@@ -511,3 +511,11 @@ def test_init_carries_a_project_under_tmp_over_the_guest_tmpfs():
     assert under.index('mount -o bind "$R$KEEP" /rw/keep') < under.index("mount -t tmpfs tmpfs $R/tmp")
     elsewhere = render_init(GuestSpec(["x"], "/work/main", "/work/main/.venv/bin/python", "n"), [], [], [])
     assert 'KEEP=""\n' in elsewhere
+
+
+def test_init_passes_module_parameters_from_the_command_line():
+    from harness.qemu.initramfs import GuestSpec, render_init
+
+    init = render_init(GuestSpec(["x"], "/work/main", "/py", "n"), ["kvm"], [], [])
+    # kvm.tdp_mmu=0 on the command line becomes `insmod kvm.ko tdp_mmu=0`
+    assert 'sed -n "s/^$m\\.//p"' in init and "insmod /kh/modules/$m.ko $p" in init

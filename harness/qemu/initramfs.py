@@ -45,7 +45,10 @@ finish() {{ echo "@@KH-EXIT {nonce} $1@@"; sync; reboot -f; sleep 30; }}
 load() {{
     for m in "$@"; do
         [ -e /sys/module/$m ] && continue
-        out=$(insmod /kh/modules/$m.ko 2>&1) || say "insmod $m failed: $out"
+        # busybox insmod reads no parameters from the command line: pass `kvm.tdp_mmu=0` on ourselves
+        p=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$m\.//p")
+        out=$(insmod /kh/modules/$m.ko $p 2>&1) || say "insmod $m $p failed: $out"
+        [ -n "$p" ] && say "insmod $m $p"
     done
 }}
 load {base}
