@@ -143,6 +143,8 @@ def test_debian_names_resolve(monkeypatch, tmp_path):
     assert a.resolve("debian:6.12").upstream == "6.12.117"
     assert a.resolve("debian:latest").upstream == "7.3.4"
     assert a.resolve("debian:7.3-rc7").abi == "7.3-amd64"
+    assert a.resolve("debian:7.3").upstream == "7.3.4"  # a release, not the rc whose ABI is "7.3"
+    assert a.resolve("debian:7.2.6+deb13").abi == "7.2.6+deb13-amd64"
     assert a.resolve("debian:6.1").upstream == "6.1.176"
     with pytest.raises(debian.KernelFetchError, match="no such kernel"):
         a.resolve("debian:6.13")

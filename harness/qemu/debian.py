@@ -220,12 +220,16 @@ class Archive:
         if want == "latest":
             rel = [k for k in ks if not k.is_rc and k.complete]
             return rel[-1]
-        exact = [k for k in ks if want in (k.upstream, k.abi, k.abi.removesuffix("-amd64"), k.version)]
+        exact = [k for k in ks if want in (k.upstream, k.abi, k.version)]
         if exact:
             return exact[-1]
+        # "7.3" is the newest 7.3.x release, even though the 7.3 release candidate's ABI is "7.3-amd64"
         prefix = [k for k in ks if not k.is_rc and k.complete and k.upstream.startswith(want + ".")]
         if prefix:
             return prefix[-1]
+        by_abi = [k for k in ks if k.abi.removesuffix("-amd64") == want]  # "7.2.6+deb13", "6.1.0-50"
+        if by_abi:
+            return by_abi[-1]
         near = ", ".join(k.upstream for k in ks if k.upstream.split(".")[0] == want.split(".")[0])
         raise KernelFetchError(f"{name}: the archive has no such kernel (offers {near or 'none of that major'}); "
                                "`python -m harness kernel list` shows all")
