@@ -258,15 +258,20 @@ def _kernel_health(request: pytest.FixtureRequest) -> Iterator[None]:
     exclusive = item.get_closest_marker("kmsg_exclusive") is not None
     if h.kmsg_mode != "off" and h.oracle.active:
         h.lock.acquire(exclusive)
-        if exclusive:
-            item.user_properties.append(("kmsg_exclusive", f"waited {h.lock.waited:.2f} s"))
-        w = h.oracle.begin(item.nodeid, accept_user=item.get_closest_marker("kmsg_accept_user") is not None,
-                           exclusive=exclusive)
-        ch = case_health.CaseHealth(h.oracle, w, _reporter(item, h))
+        try:
+            if exclusive:
+                item.user_properties.append(("kmsg_exclusive", f"waited {h.lock.waited:.2f} s"))
+            w = h.oracle.begin(item.nodeid, accept_user=item.get_closest_marker("kmsg_accept_user") is not None,
+                               exclusive=exclusive)
+            ch = case_health.CaseHealth(h.oracle, w, _reporter(item, h))
+        except BaseException:
+            h.lock.release()  # never keep the other workers waiting for a case that did not start
+            raise
     item.stash[_CASE] = ch
     case_health.set_current(ch)
-    before = leaks.snapshot() if h.leaks_mode != "off" else None
+    before = None
     try:
+        before = leaks.snapshot() if h.leaks_mode != "off" else None
         yield
         fail_msgs = []
         if ch is not None:
