@@ -14,6 +14,8 @@ The expectations live in known-issues.toml at the top of the repo:
                                                    # prints; the kernel-log oracle accepts it in every
                                                    # case while the issue is in force (under -n N the
                                                    # splat lands in other workers' windows too)
+    environment = "tcg"                            # optional: an emulator artefact, in force only
+                                                   # in the QEMU runner under TCG (not a kernel bug)
     reproducer = "reproducers/<id>.c"              # optional: a standalone C reproducer (exit 0 fixed,
                                                    # 1 reproduced, 4 cannot test), run by
                                                    # cases/test_reproducers.py (name that case too)
@@ -59,9 +61,16 @@ class KnownIssue:
     kmsg: str | None = None
     strict: bool = True
     reproducer: str = ""  # a standalone program that shows the bug (path from the file's folder)
+    environment: str | None = None  # "tcg": an artefact of the emulator, in force only under it
+
+    @property
+    def what(self) -> str:
+        return f"{self.environment} emulator artefact" if self.environment else "kernel issue"
 
     def applies(self, release: str | None = None, backend_name: str | None = None,
-                config: frozenset[str] | None = None) -> bool:
+                config: frozenset[str] | None = None, environment: str | None = None) -> bool:
+        if self.environment and self.environment != (environment or current_environment()):
+            return False
         if self.backend and self.backend != (backend_name or backend.name()):
             return False
         if self.kernel and not release_in_range(release or platform.release(), self.kernel):
@@ -76,12 +85,17 @@ class KnownIssue:
         return case_matches(self.cases, nodeid)
 
     def xfail_reason(self) -> str:
-        s = f"known kernel issue {self.id}: {self.reason}"
+        s = f"known {self.what} {self.id}: {self.reason}"
         if not self.strict:
             s += " [reproduces by chance: not strict]"
         if self.fix:
             s += f" (fix: {self.fix})"
         return s
+
+
+def current_environment() -> str:
+    """"tcg" / "kvm" inside the QEMU kernel runner (it sets KVM_HARNESS_ACCEL in the guest), "" elsewhere."""
+    return os.environ.get("KVM_HARNESS_ACCEL", "")
 
 
 def case_matches(patterns: tuple[str, ...], nodeid: str) -> bool:
@@ -161,11 +175,12 @@ def load(path: Path | str | None = None) -> list[KnownIssue]:
             fix=d.get("fix", ""), backend=d.get("backend"), kernel=d.get("kernel"),
             config=tuple([cfg] if isinstance(cfg, str) else cfg), kmsg=d.get("kmsg"),
             strict=bool(d.get("strict", True)), reproducer=d.get("reproducer", ""),
+            environment=d.get("environment"),
         ))
     return out
 
 
-_KEYS = {"id", "cases", "reason", "evidence", "fix", "backend", "kernel", "config", "kmsg", "strict",
+_KEYS = {"id", "cases", "reason", "evidence", "fix", "backend", "kernel", "config", "kmsg", "strict", "environment",
          "reproducer"}
 
 

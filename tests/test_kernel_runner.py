@@ -519,3 +519,17 @@ def test_init_passes_module_parameters_from_the_command_line():
     init = render_init(GuestSpec(["x"], "/work/main", "/py", "n"), ["kvm"], [], [])
     # kvm.tdp_mmu=0 on the command line becomes `insmod kvm.ko tdp_mmu=0`
     assert 'sed -n "s/^$m\\.//p"' in init and "insmod /kh/modules/$m.ko $p" in init
+
+
+def test_guest_is_told_how_its_cpu_is_provided(monkeypatch, tmp_path):
+    # KVM_HARNESS_ACCEL reaches the guest's environment: known emulator artefacts apply only there
+    seen = {}
+    monkeypatch.setattr(runner, "_boot", lambda cmd, nonce, cfg, out, t0: runner.RunResult(GOOD, "verdict", "ok"))
+    monkeypatch.setattr(runner.initramfs, "build", lambda dest, spec, modules, busybox: (
+        seen.setdefault("env", spec.env), {"base": [], "amd": [], "intel": []})[1])
+    monkeypatch.setattr(runner, "_prepare_kernel", lambda cfg, tmp, out: image.identify(cfg.kernel))
+    k = tmp_path / "vmlinux"
+    k.write_bytes(b"\x7fELF" + b"\0" * 4096)
+    cfg = RunConfig(kernel=k, pytest_args=["x"], accel="tcg")
+    runner._run_in(cfg, io.StringIO(), None, "/bin/true", 0.0)
+    assert seen["env"][runner.ACCEL_ENV] == "tcg"

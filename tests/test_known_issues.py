@@ -93,3 +93,16 @@ def test_repo_reproducers_exist_and_compile(tmp_path):
         r = subprocess.run([gcc, "-O2", "-Wall", "-Werror", "-o", str(tmp_path / src.stem), str(src)],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"gcc -Wall -Werror {rel}:\n{r.stderr}"
+
+
+def test_an_emulator_entry_applies_only_under_that_emulator(monkeypatch, tmp_path):
+    from harness import known_issues as ki
+
+    p = tmp_path / "k.toml"
+    p.write_text('[[issue]]\nid = "e"\nenvironment = "tcg"\ncases = ["c::t"]\nreason = "r"\n')
+    (entry,) = ki.load(p)
+    monkeypatch.delenv("KVM_HARNESS_ACCEL", raising=False)
+    assert not entry.applies()  # on the host: no emulator under its KVM
+    monkeypatch.setenv("KVM_HARNESS_ACCEL", "tcg")
+    assert entry.applies() and entry.xfail_reason().startswith("known tcg emulator artefact e: ")
+    assert not entry.applies(environment="kvm")

@@ -18,7 +18,7 @@ from harness.cli import kernel as kernel_cli
 from harness.matrix import known, report
 from harness.matrix import run as mrun
 from harness.matrix.cells import KernelRun
-from harness.qemu import debian
+from harness.qemu import debian, runner
 
 DEFAULT_KERNELS = "host,debian:6.1,debian:6.12,debian:7.2,debian:7.3"
 RAW_ARGS = True
@@ -88,7 +88,9 @@ def run(args) -> int:
     print("matrix: time per kernel: " + ", ".join(f"{r.kernel} {r.seconds:.0f} s" for r in runs))
     code = report.verdict(runs)
     if ns.check_known_issues:
-        found = known.disagreements(runs, known_issues.load(), configs)
+        accel = runner.choose_accel(ns.accel, runner.nested_available() if ns.accel == "auto" else None)[0]
+        envs = {k: ("" if k == "host" else accel) for k in kernels}
+        found = known.disagreements(runs, known_issues.load(), configs, envs)
         for line in found:
             print(f"known issue range: {line}")
         print(f"matrix: known issues: {len(found)} disagreement(s) with the cells")

@@ -96,7 +96,7 @@ def from_junit(path: Path) -> dict[str, Cell]:
 
 
 def _issue_in(reason: str) -> str:
-    m = re.search(r"known kernel issue (\S+):", reason)
+    m = re.search(r"known (?:kernel issue|\S+ emulator artefact) (\S+):", reason)
     return m.group(1) if m else ""
 
 

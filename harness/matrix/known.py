@@ -20,14 +20,18 @@ def config_of(path: Path | None) -> frozenset[str]:
 
 
 def disagreements(runs: list[KernelRun], issues: list[known_issues.KnownIssue],
-                  configs: dict[str, frozenset[str]]) -> list[str]:
+                  configs: dict[str, frozenset[str]], environments: dict[str, str] | None = None) -> list[str]:
+    """environments: kernel -> "tcg"/"kvm"/"" (how the run's CPU was provided), for emulator entries."""
     out = []
     for ki in issues:
         for r in runs:
             if not r.release or not r.cells:
                 continue
+            env = (environments or {}).get(r.kernel, "")
+            if ki.environment and not env:
+                continue  # an emulator's entry says nothing about a run that had none
             applies = ki.applies(release=r.release, backend_name=r.backend or "unknown",
-                                 config=configs.get(r.kernel, frozenset()))
+                                 config=configs.get(r.kernel, frozenset()), environment=env)
             for case, c in sorted(r.cells.items()):
                 if not ki.matches(case):
                     continue

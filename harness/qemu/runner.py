@@ -38,6 +38,7 @@ from harness.qemu import image, initramfs
 from harness.qemu.modules import ModuleError, ModuleTree
 
 GOOD, BAD, SKIP = 0, 1, 125
+ACCEL_ENV = "KVM_HARNESS_ACCEL"  # set in the guest: how the CPU under its KVM is provided (tcg / kvm)
 ABORT = 128  # the selection itself is wrong (collects nothing, a usage error): git bisect run must stop
 QEMU = "qemu-system-x86_64"
 REPO = Path(__file__).resolve().parents[2]
@@ -345,6 +346,9 @@ def _run_in(cfg: RunConfig, out: TextIO, mods_dir: Path | None, busybox: str, t0
         modules = ModuleTree.scan(mods_dir) if mods_dir else None
         nonce = secrets.token_hex(8)
         env = {k: v for k, v in os.environ.items() if k.startswith("KVM_HARNESS_")}
+        accel, why = choose_accel(cfg.accel, nested_available() if cfg.accel == "auto" else None)
+        # known issues of the emulator (environment = "tcg" in known-issues.toml) apply only there
+        env[ACCEL_ENV] = accel
         if cfg.outdir is not None:
             cfg.outdir.mkdir(parents=True, exist_ok=True)
         spec = initramfs.GuestSpec(cfg.pytest_args, cfg.cwd, cfg.python, nonce, env,
@@ -353,7 +357,6 @@ def _run_in(cfg: RunConfig, out: TextIO, mods_dir: Path | None, busybox: str, t0
         _say(out, f"modules from {mods_dir or '(none: all built in?)'}: "
                   f"{' '.join(loads['base']) or '-'} | amd: {' '.join(loads['amd']) or '-'} "
                   f"| intel: {' '.join(loads['intel']) or '-'}")
-        accel, why = choose_accel(cfg.accel, nested_available() if cfg.accel == "auto" else None)
         machine = choose_machine(cfg.machine, kernel_config(cfg.kernel))
         cpus = cfg.cpus or default_cpus(accel)
         why_not = unreliable(accel, cpus)
