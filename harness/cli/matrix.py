@@ -56,8 +56,8 @@ def run(args) -> int:
 
     def resolve(name: str) -> tuple[Path, Path | None]:
         image, modules = kernel_cli.resolve_kernel(name, None, log=lambda m: print(f"[{name}] {m}"))
-        configs[name] = known.config_of(image.with_name("config") if image.name == "vmlinuz"
-                                        else image.with_name("config-" + image.name.split("-", 1)[-1]))
+        # the config the runner itself finds beside the image, as the set known_issues.applies() takes
+        configs[name] = frozenset(f"{k}={v}" for k, v in runner.kernel_config(image).items() if v != "n")
         return image, modules
 
     for k in kernels:
