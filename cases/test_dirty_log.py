@@ -28,6 +28,7 @@ from harness.dirty import (
     DirtyRing,
     check_exact,
     dirty_value,
+    full_exit_repushes,
     migration_problems,
     repeats,
     ring_order_problems,
@@ -286,6 +287,8 @@ def test_dirty_ring_never_overflows(make_writer, kernel_health, record_property)
     ring = w.vm.own(DirtyRing(w.vm.vcpu, entries))
     got: list[int] = []
     sizes: list[int] = []
+    resets: list[int] = []  # len(got) at each full exit's reset, for full_exit_repushes
+    repushed = 0
 
     def on_exit(vcpu, ex):
         if isinstance(ex, DirtyRingFull):
@@ -294,6 +297,7 @@ def test_dirty_ring_never_overflows(make_writer, kernel_health, record_property)
                 raise RingDesync(ring_desync_message(ring, sizes))
             sizes.append(len(h))
             got.extend(o for _, o in h)
+            resets.append(len(got))
             w.vm.reset_dirty_rings()
             return True
         return False
@@ -306,13 +310,16 @@ def test_dirty_ring_never_overflows(make_writer, kernel_health, record_property)
         while rnd < min_passes or (rnd < max_passes and time.monotonic() - t0 < RING_SECONDS):
             rnd += 1
             got.clear()
+            resets.clear()
             w.write(pages, rnd, on_exit=on_exit)
             got.extend(o for _, o in ring.harvest())
             w.vm.reset_dirty_rings()
-            probs = ring_order_problems(pages, got, gpa=GPA)
+            probs = ring_order_problems(pages, got, gpa=GPA, resets=resets)
             assert not probs, "\n".join(probs) + f"\n(pass {rnd}; entries harvested at each full exit: {sizes})"
+            repushed += len(full_exit_repushes(got, resets))
     finally:
         record_property("passes", rnd)
+        record_property("repushed_after_full_exit", repushed)
         record_property("full_exits", len(sizes))
         record_property("max_harvest", max(sizes, default=0))
     assert len(sizes) >= rnd * len(pages) // entries, \

@@ -34,3 +34,15 @@ def module_param(module: str, param: str) -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+@functools.cache
+def paging() -> str:
+    """How KVM maps guest memory: "tdp" (NPT/EPT: the CPU walks the guest's page tables) or
+    "shadow" (KVM walks them and builds shadow tables: kvm_pvm, or npt=0/ept=0). Expectations
+    about who produced a guest #PF's error code depend on it."""
+    for mod, param in (("kvm_amd", "npt"), ("kvm_intel", "ept")):
+        v = module_param(mod, param)
+        if v is not None:
+            return "tdp" if v in ("Y", "1") else "shadow"
+    return "shadow" if is_kvm_pvm() else "unknown"

@@ -16,6 +16,8 @@ The expectations live in known-issues.toml at the top of the repo:
                                                    # splat lands in other workers' windows too)
     environment = "tcg"                            # optional: an emulator artefact, in force only
                                                    # in the QEMU runner under TCG (not a kernel bug)
+    paging = "tdp"                                 # optional: "tdp" (NPT/EPT) or "shadow":
+                                                   # harness.backend.paging()
     reproducer = "reproducers/<id>.c"              # optional: a standalone C reproducer (exit 0 fixed,
                                                    # 1 reproduced, 4 cannot test), run by
                                                    # cases/test_reproducers.py (name that case too)
@@ -62,14 +64,18 @@ class KnownIssue:
     strict: bool = True
     reproducer: str = ""  # a standalone program that shows the bug (path from the file's folder)
     environment: str | None = None  # "tcg": an artefact of the emulator, in force only under it
+    paging: str | None = None  # "tdp" / "shadow": in force only when KVM maps the guest so
 
     @property
     def what(self) -> str:
         return f"{self.environment} emulator artefact" if self.environment else "kernel issue"
 
     def applies(self, release: str | None = None, backend_name: str | None = None,
-                config: frozenset[str] | None = None, environment: str | None = None) -> bool:
+                config: frozenset[str] | None = None, environment: str | None = None,
+                paging: str | None = None) -> bool:
         if self.environment and self.environment != (environment or current_environment()):
+            return False
+        if self.paging and self.paging != (paging or backend.paging()):
             return False
         if self.backend and self.backend != (backend_name or backend.name()):
             return False
@@ -175,13 +181,13 @@ def load(path: Path | str | None = None) -> list[KnownIssue]:
             fix=d.get("fix", ""), backend=d.get("backend"), kernel=d.get("kernel"),
             config=tuple([cfg] if isinstance(cfg, str) else cfg), kmsg=d.get("kmsg"),
             strict=bool(d.get("strict", True)), reproducer=d.get("reproducer", ""),
-            environment=d.get("environment"),
+            environment=d.get("environment"), paging=d.get("paging"),
         ))
     return out
 
 
 _KEYS = {"id", "cases", "reason", "evidence", "fix", "backend", "kernel", "config", "kmsg", "strict", "environment",
-         "reproducer"}
+         "reproducer", "paging"}
 
 
 def in_force(issues: list[KnownIssue] | None = None) -> list[KnownIssue]:

@@ -128,6 +128,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if ktap == "-":
             redirect_terminal_to_stderr(config)
         rep.header(f"backend {backend.name()}")  # the matrix keys known issues by (release, backend)
+        rep.header(f"paging {backend.paging()}")  # and emulator artefacts by how the guest is walked
         if config.getoption("--kmsg") != "off":
             why = _kmsg_unreadable(config.getoption("--kmsg-dev"))
             rep.header(f"kernel-log oracle: {why or config.getoption('--kmsg')}")

@@ -277,3 +277,19 @@ def test_disk_read_sees_unsynced_and_stale_data():
             assert disk_problems(read_on_disk(b.fd, b.path, 0, size)[0], bytes(second)) == []
         finally:
             b.close()
+
+
+def test_ring_full_exit_repush_only_right_after_the_reset():
+    """The write a ring-full exit interrupted is pushed again as the first entry after the reset
+    (KVM pushed it when the fault made the page writable; the write retires after the resume)."""
+    from harness.dirty import full_exit_repushes
+
+    harvested = [5, 1, 9, 9, 4]  # full exit after 3 entries; 9 comes again right after the reset
+    assert full_exit_repushes(harvested, [3]) == [3]
+    assert ring_order_problems([5, 1, 9, 4], harvested, resets=[3]) == []
+    # the same repeat anywhere but at the reset, or of another page, is still a fault
+    (msg,) = ring_order_problems([5, 1, 9, 4], harvested, resets=[2])
+    assert "page 9: 2 entries for 1 guest writes" in msg
+    (msg,) = ring_order_problems([5, 1, 9, 4], [5, 1, 9, 1, 4], resets=[3])
+    assert "page 1: 2 entries" in msg
+    assert full_exit_repushes(harvested, [0, 5]) == []  # no entry before / after

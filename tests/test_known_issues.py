@@ -106,3 +106,16 @@ def test_an_emulator_entry_applies_only_under_that_emulator(monkeypatch, tmp_pat
     monkeypatch.setenv("KVM_HARNESS_ACCEL", "tcg")
     assert entry.applies() and entry.xfail_reason().startswith("known tcg emulator artefact e: ")
     assert not entry.applies(environment="kvm")
+
+
+def test_a_paging_entry_applies_only_with_that_paging(monkeypatch, tmp_path):
+    """An artefact of the CPU's own page walk (TDP) is not in force where KVM walks (shadow)."""
+    from harness import known_issues as ki
+
+    p = tmp_path / "k.toml"
+    p.write_text('[[issue]]\nid = "p"\nenvironment = "tcg"\npaging = "tdp"\ncases = ["c::t"]\nreason = "r"\n')
+    (entry,) = ki.load(p)
+    monkeypatch.setenv("KVM_HARNESS_ACCEL", "tcg")
+    assert entry.applies(paging="tdp")
+    assert not entry.applies(paging="shadow")
+    assert not entry.applies(environment="kvm", paging="tdp")

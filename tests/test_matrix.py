@@ -156,3 +156,17 @@ def test_debian_names_resolve(monkeypatch, tmp_path):
 def test_unreliable_settings_are_named():
     assert runner.unreliable("tcg", 2) and "int3" in runner.unreliable("tcg", 2)  # type: ignore[operator]
     assert runner.unreliable("tcg", 1) is None and runner.unreliable("kvm", 4) is None
+
+
+def test_known_issue_check_follows_each_runs_paging():
+    """A TDP-only entry: an XPASS on a shadow-paging run is no disagreement, on a TDP run it is."""
+    from harness.known_issues import KnownIssue
+    from harness.matrix.known import disagreements
+
+    ki = KnownIssue(id="t", cases=("c.py::t",), reason="r", environment="tcg", paging="tdp")
+    cell = Cell("xpass", strict=True)
+    runs = [KernelRun("debian:7.3.4", "7.3.4+deb13-amd64", "kvm_amd", 1, "verdict", cells={"c.py::t": cell},
+                      paging=p) for p in ("tdp", "shadow")]
+    runs[1].kernel = "debian:7.3.4+npt0"
+    out = disagreements(runs, [ki], {}, {"debian:7.3.4": "tcg", "debian:7.3.4+npt0": "tcg"})
+    assert len(out) == 1 and "debian:7.3.4 (" in out[0]

@@ -397,11 +397,26 @@ def test_pae_pdpte_has_only_p() -> None:
     pt.map(0, 0, G1, M2, user=True, nx=True)
     pt.map(0xC000_0000, 0, K4, user=True, nx=True)
     pdptes = [rd(mem, pt.root + i * 8, 8) for i in range(4)]
-    assert [bool(e & PTE_P) for e in pdptes] == [True, False, False, True]
     for e in pdptes:
         assert e & ~(0x000F_FFFF_FFFF_F000 | PTE_P | PTE_PWT | PTE_PCD) == 0
     assert pdptes[0] & 0x000F_FFFF_FFFF_F000 >= 0x2_0000_0000  # PD above 4 GiB is fine in PAE
     assert pt.walk(0xC000_0123).user and pt.walk(0xC000_0123).nx
+
+
+def test_pae_pdpt_is_complete_from_creation() -> None:
+    """PAE PDPTEs are loaded with CR3: a PDPTE written after that would not be seen (the 4 GiB
+    straddle cases failed so under KVM on TCG). All four exist before any map, and no later map
+    or unmap rewrites the PDPT."""
+    mem, _, pt = make(PagingMode.PAE, high=0x2_0000_0000)
+    before = mem.read(pt.root, 32)
+    pdptes = [rd(mem, pt.root + i * 8, 8) for i in range(4)]
+    assert [bool(e & PTE_P) for e in pdptes] == [True] * 4
+    assert len({e & 0x000F_FFFF_FFFF_F000 for e in pdptes}) == 4  # four distinct directories
+    pt.map(0x4000_0000, 0x1_0000_0000, 2 * K4)
+    pt.map(0xC000_0000, 0, M2, M2)
+    pt.unmap(0x4000_0000, K4)
+    assert mem.read(pt.root, 32) == before
+    assert pt.walk(0x4000_1000).gpa == 0x1_0000_1000
 
 
 def test_intermediate_entries_are_permissive() -> None:

@@ -40,6 +40,7 @@ class KernelRun:
     reason: str = ""
     seconds: float = 0.0
     cells: dict[str, Cell] = field(default_factory=dict)
+    paging: str = ""  # "tdp" / "shadow" (KTAP header), for entries keyed by paging
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(OUTCOMES, 0)
@@ -114,4 +115,7 @@ def ktap_header(path: Path) -> dict[str, str]:
         m = re.match(r"# backend (\S+)", ln)
         if m:
             out["backend"] = m.group(1)
+        m = re.match(r"# paging (\S+)", ln)
+        if m:
+            out["paging"] = m.group(1)
     return out

@@ -31,7 +31,8 @@ def disagreements(runs: list[KernelRun], issues: list[known_issues.KnownIssue],
             if ki.environment and not env:
                 continue  # an emulator's entry says nothing about a run that had none
             applies = ki.applies(release=r.release, backend_name=r.backend or "unknown",
-                                 config=configs.get(r.kernel, frozenset()), environment=env)
+                                 config=configs.get(r.kernel, frozenset()), environment=env,
+                                 paging=r.paging or "unknown")
             for case, c in sorted(r.cells.items()):
                 if not ki.matches(case):
                     continue

@@ -86,8 +86,9 @@ def run_kernel(kernel: str, pytest_args: list[str], out_root: Path, *, host_args
     if (d / "junit.xml").exists():
         kr.cells = from_junit(d / "junit.xml")
     hdr = ktap_header(d / "ktap.txt")
-    kr.release, kr.backend = hdr.get("release", ""), hdr.get("backend", "")
+    kr.release, kr.backend, kr.paging = hdr.get("release", ""), hdr.get("backend", ""), hdr.get("paging", "")
     (d / "run.json").write_text(json.dumps({"kernel": kernel, "release": kr.release, "backend": kr.backend,
+                                            "paging": kr.paging,
                                             "code": kr.code, "outcome": kr.outcome, "reason": kr.reason,
                                             "seconds": kr.seconds}, indent=1))
     return kr
@@ -101,6 +102,7 @@ def load_kernel(out_root: Path, kernel: str) -> KernelRun | None:
     meta = json.loads((d / "run.json").read_text())
     kr = KernelRun(kernel, meta.get("release", ""), meta.get("backend", ""), meta.get("code"),
                    meta.get("outcome", ""), meta.get("reason", ""), meta.get("seconds", 0.0))
+    kr.paging = meta.get("paging", "")
     if (d / "junit.xml").exists():
         kr.cells = from_junit(d / "junit.xml")
     return kr

@@ -113,6 +113,8 @@ class PageTables:
         self._cache: dict[int, list[int]] = {}
         self._tables: list[int] = []
         self.root: int = self._alloc_table(self._top)
+        if mode is PagingMode.PAE:
+            self._fill_pdpt()
 
     # ---- public API ----------------------------------------------------------------------------
     def map(self, gva: int, gpa: int, size: int, page_size: int = 4096, *, writable: bool = True,
@@ -275,6 +277,21 @@ class PageTables:
                              "(pass allow_reserved=True to set reserved bits on purpose)")
         if end > 1 << 52:
             raise ValueError(f"gpa range {pa:#x}..{end - 1:#x} does not fit the 52-bit address field")
+
+    def _fill_pdpt(self) -> None:
+        """Give all four PAE PDPTEs a page directory now, while the PDPT is new.
+
+        A CPU in PAE mode takes the PDPTEs into registers when CR3 is loaded (Intel SDM 4.4.1;
+        KVM's shadow MMU and VMX do the same), so a PDPTE written later is not seen until CR3 is
+        reloaded. With all four present from the start, mapping anything later only writes PDEs
+        and PTEs, which need nothing more than a TLB flush. (Under QEMU TCG this also matters
+        on AMD NPT, where KVM re-reads the PDPTEs after each exit: TCG sets the accessed bit,
+        reserved in a PAE PDPTE, so KVM's re-read fails and it keeps the PDPTEs it loaded with
+        CR3; see docs/triage.md.)"""
+        ents = self._entries(self.root, self._top)
+        for i in range(len(ents)):
+            ents[i] = self._alloc_table(self._top - 1) | PTE_P
+        self._flush({self.root: [[0, len(ents)]]})
 
     def _alloc_table(self, level: int) -> int:
         gpa = self._alloc_page()
