@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 all: setup
 
-$(VENV)/.installed: pyproject.toml setup.py harness/_cdefs.py harness/_build_kvm.py
+$(VENV)/.installed: pyproject.toml setup.py harness/kvm/_cdefs.py harness/kvm/_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -46,7 +46,7 @@ lint: venv
 clean:
 	$(MAKE) -C guests clean
 	-$(MAKE) -C bench clean
-	rm -rf $(VENV) harness/_kvm_cffi*.so build *.egg-info
+	rm -rf $(VENV) harness/kvm/_cffi*.so build *.egg-info
 
 # Targets of one area each (ci, kernel-test, ...) live in mk/*.mk.
 -include mk/*.mk

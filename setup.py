@@ -1,4 +1,4 @@
 # setuptools needs a setup.py to hand cffi_modules to cffi; all metadata lives in pyproject.toml.
 from setuptools import setup
 
-setup(cffi_modules=["harness/_build_kvm.py:ffibuilder"])
+setup(cffi_modules=["harness/kvm/_build.py:ffibuilder"])

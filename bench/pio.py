@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 from bench.registry import Bench, c_program, register
-from harness.exits import Io
-from harness.kvm import Kvm
+from harness.kvm.exits import Io
+from harness.kvm.system import Kvm
 
 MEM_SIZE = 0x10000
 CODE_GPA = 0x1000

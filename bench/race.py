@@ -19,8 +19,8 @@ from typing import Any
 
 from bench.registry import BUILD_DIR, Bench, register
 from harness import memory
-from harness._kvm_cffi import ffi
-from harness.kvm import Kvm
+from harness.kvm._cffi import ffi
+from harness.kvm.system import Kvm
 from harness.race.engine import GPA_A, Race, RaceSpec
 
 _images: dict[str, Path] = {}

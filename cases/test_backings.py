@@ -14,8 +14,9 @@ from array import array
 
 import pytest
 
-from harness import backend, memory
-from harness.caps import KVM_MEM_GUEST_MEMFD
+from harness import backends as backend
+from harness import memory
+from harness.kvm.caps import KVM_MEM_GUEST_MEMFD
 from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K, Feature, usage
 from harness.memory.memtouch import checksum, host_check, host_fill, offsets, words
 
@@ -194,7 +195,7 @@ def test_remap(kvm, backings, memtouch, kind):
 def test_guest_memfd_source(kvm, backings, memtouch, source):
     """Where a guest_memfd slot's memory comes from depends on the backend: upstream faults it from
     the guest_memfd itself; kvm_pvm serves it from userspace_addr (FIELD-NOTES)."""
-    from harness.exits import Mmio
+    from harness.kvm.exits import Mmio
 
     vm = memtouch.vm
     size = 2 << 20

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from harness import memory
-from harness.caps import KVM_MEM_LOG_DIRTY_PAGES, Cap
-from harness.dirty import (
+from harness.kvm.caps import KVM_MEM_LOG_DIRTY_PAGES, Cap
+from harness.kvm.dirty import (
     PAGE,
     DirtyRing,
     check_exact,
@@ -34,12 +34,12 @@ from harness.dirty import (
     ring_order_problems,
     word_offset,
 )
-from harness.errors import KvmError
-from harness.exits import DirtyRingFull
+from harness.kvm.errors import KvmError
+from harness.kvm.exits import DirtyRingFull
+from harness.lib.guestvm import GuestVm
+from harness.lib.ucall import DONE, SYNC
 from harness.memory import PAGE_1G, PAGE_2M, Feature
-from harness.race.plugin import race_seconds, race_seed
-from harness.ucall import DONE, SYNC
-from harness.x86.guestvm import GuestVm
+from harness.pytest.race import race_seconds, race_seed
 
 SLOT = 1
 RING_SECONDS = 30.0  # test_dirty_ring_never_overflows keeps filling the ring this long

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from harness.exits import Mmio
-from harness.failures import GuestAssertionError, GuestExceptionError, VcpuTimeout
-from harness.pytest_plugin import modes
-from harness.ucall import DONE, SYNC
+from harness.kvm.exits import Mmio
+from harness.lib.failures import GuestAssertionError, GuestExceptionError, VcpuTimeout
+from harness.lib.ucall import DONE, SYNC
+from harness.pytest.plugin import modes
 from harness.x86.modes import Mode
 
 MASK64 = (1 << 64) - 1
@@ -23,7 +23,7 @@ def checksum(data: bytes) -> int:
 
 @modes("real", "prot32", "pae32", "long64", "long64-la57")
 def test_checksum_in_every_mode(kvm, mode):
-    from harness.x86.guestvm import GuestVm, ModeUnsupported
+    from harness.lib.guestvm import GuestVm, ModeUnsupported
 
     rng = random.Random(0x5EED)
     data = bytes(rng.randrange(256) for _ in range(3000))

@@ -24,8 +24,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from harness.caps import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Cap
-from harness.errors import KvmError
+from harness.kvm.caps import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Cap
+from harness.kvm.errors import KvmError
 from harness.memory.memtouch import MASK, MemTouch, MmioLog, host_fill, word
 from harness.memory.model import MemslotModel, SlotReq
 

@@ -20,17 +20,17 @@ from typing import Any
 import pytest
 
 from harness import memory
-from harness.caps import (
+from harness.kvm.caps import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     Cap,
 )
-from harness.errors import KvmError
-from harness.hostmem import Mapping
+from harness.kvm.errors import KvmError
+from harness.kvm.ioctl import cbuf, kvm_ioctl
 from harness.memory import PAGE_4K, Feature
+from harness.memory.hostmem import Mapping
 from harness.memory.memtouch import MmioLog, host_check, host_fill, word
-from harness.sys import cbuf, kvm_ioctl
 
 SLOT = 1
 GPA_A = 1 << 40

@@ -27,10 +27,11 @@ from typing import Any
 
 import pytest
 
-from harness.caps import KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_MEM_READONLY, Cap
-from harness.failures import GuestFailure, Livelock, describe_pf_error
-from harness.hostmem import Mapping, view
-from harness.kvm import Kvm
+from harness.kvm.caps import KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_MEM_READONLY, Cap
+from harness.kvm.system import Kvm
+from harness.lib.failures import GuestFailure, Livelock, describe_pf_error
+from harness.lib.ucall import DONE, SYNC, Ucall
+from harness.memory.hostmem import Mapping, view
 from harness.oracles.mmio import (
     PAGE,
     Access,
@@ -45,7 +46,6 @@ from harness.oracles.mmio import (
     straddle_pairs,
     write,
 )
-from harness.ucall import DONE, SYNC, Ucall
 from harness.x86.modes import Mode
 from harness.x86.paging import PTE_P
 

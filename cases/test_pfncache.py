@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from harness import hostmem, memory
-from harness.caps import Cap
-from harness.errors import KvmError
-from harness.memory import PAGE_1G, PAGE_4K, Feature
-from harness.race.plugin import race_seconds, race_seed
-from harness.ucall import DONE, SYNC
-from harness.x86.guestvm import GuestVm
+from harness import memory
+from harness.kvm.caps import Cap
+from harness.kvm.errors import KvmError
+from harness.lib.guestvm import GuestVm
+from harness.lib.ucall import DONE, SYNC
+from harness.memory import PAGE_1G, PAGE_4K, Feature, hostmem
+from harness.pytest.race import race_seconds, race_seed
 from harness.x86.kvmclock import (
     KVM_CLOCK_TSC_STABLE,
     MSR_KVM_SYSTEM_TIME_NEW,

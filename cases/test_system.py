@@ -5,10 +5,10 @@ import errno
 import psutil
 import pytest
 
-from harness.caps import Cap
-from harness.errors import KvmError
-from harness.ioctls import IOCTLS
-from harness.sys import kvm_ioctl, raw_ioctl
+from harness.kvm.caps import Cap
+from harness.kvm.errors import KvmError
+from harness.kvm.ioctl import kvm_ioctl, raw_ioctl
+from harness.kvm.ioctls import IOCTLS
 
 
 def test_api_version(kvm):

@@ -23,13 +23,14 @@ import time
 
 import pytest
 
-from harness import backend, hostmem
-from harness.dirty import disk_problems
-from harness.errors import KvmError
-from harness.exits import MemoryFault, Mmio
+from harness import backends as backend
+from harness.kvm.dirty import disk_problems
+from harness.kvm.errors import KvmError
+from harness.kvm.exits import MemoryFault, Mmio
+from harness.memory import hostmem
 from harness.memory.loopfs import DiskReadUnavailable, block_device, read_odirect, read_on_disk
 from harness.memory.memtouch import MemTouch, host_fill
-from harness.race.plugin import race_seconds
+from harness.pytest.race import race_seconds
 
 SLOT = 1
 GPA = 1 << 40

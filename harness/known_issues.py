@@ -7,7 +7,7 @@ The expectations live in known-issues.toml at the top of the repo:
     [[issue]]
     id = "short-name"
     cases = ["cases/test_file.py::test_name[*]"]   # node-id patterns: * and ? wildcards
-    backend = "kvm_pvm"                            # optional: harness.backend.name()
+    backend = "kvm_pvm"                            # optional: harness.backends.name()
     kernel = ">=6.18, <6.19"                       # optional: release range
     config = ["CONFIG_KVM_PROVE_MMU=y"]            # optional: all must be in /proc/config.gz or /boot/config-*
     kmsg = 'dirty_ring\.c:\d+ kvm_dirty_ring_push'  # optional: regex of the splat the bug
@@ -17,7 +17,7 @@ The expectations live in known-issues.toml at the top of the repo:
     environment = "tcg"                            # optional: an emulator artefact, in force only
                                                    # in the QEMU runner under TCG (not a kernel bug)
     paging = "tdp"                                 # optional: "tdp" (NPT/EPT) or "shadow":
-                                                   # harness.backend.paging()
+                                                   # harness.backends.paging()
     reproducer = "reproducers/<id>.c"              # optional: a standalone C reproducer (exit 0 fixed,
                                                    # 1 reproduced, 4 cannot test), run by
                                                    # cases/test_reproducers.py (name that case too)
@@ -39,7 +39,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import backend
+from harness import backends as backend
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "known-issues.toml"
 ENV_FILE = "KVM_HARNESS_KNOWN_ISSUES"  # another file instead (the harness's own tests; a lab's list)

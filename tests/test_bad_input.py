@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 
 from harness import memory
-from harness.errors import HarnessError, KvmError
-from harness.failures import BadInput
-from harness.hostmem import Mapping
+from harness.kvm.errors import HarnessError, KvmError
+from harness.kvm.vm import Vm
+from harness.lib.failures import BadInput
+from harness.lib.guestvm import MAX_VCPUS, GuestVm
 from harness.memory.backings import AnonBacking
-from harness.vm import Vm
-from harness.x86.guestvm import MAX_VCPUS, GuestVm
+from harness.memory.hostmem import Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOT, GPA, SIZE = 3, 1 << 32, 2 << 20
@@ -208,7 +208,7 @@ def test_zero_vcpus(vm, vcpu):
 def test_guest_marker_with_zero_vcpus_fails_setup_by_name(tmp_path):
     """nr_vcpus=0 in the marker used to give a VM without vCPUs, then IndexError in `vcpu`."""
     (tmp_path / "test_m.py").write_text(MARKER_CASE)
-    p = _pytest(tmp_path, "-p", "harness.pytest_plugin", "--kmsg=off", "test_m.py")
+    p = _pytest(tmp_path, "-p", "harness.pytest.plugin", "--kmsg=off", "test_m.py")
     out = p.stdout + p.stderr
     assert p.returncode == 1, out
     assert "BadInput: @pytest.mark.guest: nr_vcpus=0 must be an int >= 1" in out and "IndexError" not in out, out
@@ -269,7 +269,7 @@ def _pytest(tmp: Path, *args: str, cwd: Path | None = None) -> subprocess.Comple
 ])
 def test_options_are_checked_as_usage_errors(tmp_path, opt, text):
     (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
-    p = _pytest(tmp_path, "-p", "harness.pytest_plugin", "-p", "harness.race.plugin", opt, "test_x.py")
+    p = _pytest(tmp_path, "-p", "harness.pytest.plugin", "-p", "harness.pytest.race", opt, "test_x.py")
     assert p.returncode == pytest.ExitCode.USAGE_ERROR, p.stdout + p.stderr
     assert text in p.stderr, p.stderr
 
@@ -308,7 +308,7 @@ RUNS = {
 def test_a_run_whose_every_case_skipped_exits_4(tmp_path, what, xdist):
     src, want = RUNS[what]
     (tmp_path / "test_r.py").write_text(src)
-    p = _pytest(tmp_path, "-p", "harness.pytest_outcome", *(["-n", "2"] if xdist else []), "test_r.py")
+    p = _pytest(tmp_path, "-p", "harness.pytest.outcome", *(["-n", "2"] if xdist else []), "test_r.py")
     out = p.stdout + p.stderr
     assert p.returncode == want, out
     assert ("NOTHING WAS TESTED: all 2 selected case(s) skipped" in out) == (want == 4), out

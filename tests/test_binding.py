@@ -5,8 +5,8 @@ import struct
 
 import pytest
 
-from harness._kvm_cffi import ffi
-from harness.ioctls import IOCTLS, ioc_dir, ioc_size
+from harness.kvm._cffi import ffi
+from harness.kvm.ioctls import IOCTLS, ioc_dir, ioc_size
 
 # Sizes the uapi documents or implies.
 SIZES = {
@@ -144,14 +144,14 @@ def test_region2_guest_memfd_fields():
 
 def test_vcpu_mmap_page_offsets():
     # arch/x86/include/uapi/asm/kvm.h: page 1 of the vCPU mapping is PIO data, page 2 the MMIO ring
-    from harness.caps import KVM_COALESCED_MMIO_PAGE_OFFSET, KVM_PIO_PAGE_OFFSET
+    from harness.kvm.caps import KVM_COALESCED_MMIO_PAGE_OFFSET, KVM_PIO_PAGE_OFFSET
 
     assert (KVM_PIO_PAGE_OFFSET, KVM_COALESCED_MMIO_PAGE_OFFSET) == (1, 2)
 
 
 def test_vcpu_fast_io_decode_matches_kvm_run_layout():
     # Vcpu.run() unpacks the PIO exit with a struct.Struct instead of cffi field reads
-    from harness.vcpu import KVM_RUN_IO_HEAD
+    from harness.kvm.vcpu import KVM_RUN_IO_HEAD
 
     base = ffi.offsetof("struct kvm_run", "io")
     io = ffi.new("struct kvm_run *").io

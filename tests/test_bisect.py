@@ -16,7 +16,7 @@ from harness.cli.bisect import ABORT, BAD, GOOD, SKIP, verdict
 
 CASES = '''
 import pytest
-from harness.caps import Cap
+from harness.kvm.caps import Cap
 
 def test_good(kvm):
     assert kvm.api_version == 12
@@ -57,14 +57,14 @@ def _target(tmp: Path, select: str) -> str:
 
 def _cli(tmp: Path, select: str, *more: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "harness", "bisect", "--", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "harness", "bisect", "--", "-p", "harness.pytest.plugin", "-p", "no:cacheprovider",
          "-q", "--rootdir", str(tmp), *more, _target(tmp, select)],
         capture_output=True, text=True, timeout=300, cwd=tmp, env=_env(**env))
 
 
 def _flag(tmp: Path, select: str, *more: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "-q",
+        [sys.executable, "-m", "pytest", "-p", "harness.pytest.plugin", "-p", "no:cacheprovider", "-q",
          "--rootdir", str(tmp), "--bisect", *more, _target(tmp, select)],
         capture_output=True, text=True, timeout=300, cwd=tmp, env=_env(**env))
 
@@ -95,9 +95,9 @@ def test_bad_is_1(cases, run):
 @pytest.mark.parametrize("select", ["test_needs_a_capability_no_kernel_has", "test_needs_hugepages"])
 @pytest.mark.parametrize("outcome", [False, True], ids=["plain", "outcome-plugin"])
 def test_cannot_test_is_125(cases, run, select, outcome):
-    """Every selected case skipped: 125, also when harness.pytest_outcome (loaded by the repo's
+    """Every selected case skipped: 125, also when harness.pytest.outcome (loaded by the repo's
     conftest) has turned the all-skipped run into exit 4."""
-    p = run(cases, select, *(["-p", "harness.pytest_outcome"] if outcome else []))
+    p = run(cases, select, *(["-p", "harness.pytest.outcome"] if outcome else []))
     assert p.returncode == SKIP == 125, p.stdout + p.stderr
     assert "cannot test (skip), exit 125" in p.stdout + p.stderr
 
@@ -169,7 +169,7 @@ def test_no_kvm_is_125(cases, run):
 def test_bad_wins_over_skips_and_parallel_runs_agree(cases):
     _need_kvm()
     p = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "-q",
+        [sys.executable, "-m", "pytest", "-p", "harness.pytest.plugin", "-p", "no:cacheprovider", "-q",
          "--rootdir", str(cases), "--bisect", "-n", "2", str(cases / "test_b.py")],
         capture_output=True, text=True, timeout=300, cwd=cases, env=_env())
     assert p.returncode == BAD, p.stdout + p.stderr
@@ -179,7 +179,7 @@ def test_verdict_table():
     assert verdict(0, passed=3, failed=0) == GOOD
     assert verdict(1, passed=3, failed=1) == BAD
     assert verdict(0, passed=0, failed=0, skipped=2) == SKIP  # all skipped
-    assert verdict(4, passed=0, failed=0, skipped=2) == SKIP  # all skipped, as harness.pytest_outcome says it
+    assert verdict(4, passed=0, failed=0, skipped=2) == SKIP  # all skipped, as harness.pytest.outcome says it
     assert verdict(0, passed=2, failed=0, skipped=2) == GOOD  # some skipped, the rest passed
     assert verdict(5, passed=0, failed=0) == ABORT  # no tests collected
     assert verdict(4, passed=0, failed=0) == ABORT  # usage error

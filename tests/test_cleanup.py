@@ -31,15 +31,15 @@ from typing import Any
 import pytest
 
 from harness.memory import PAGE_2M, ledger, mounts
-from harness.memory.fixtures import recover_stale
 from harness.memory.hugepages import HugepagePool, prune_stale
 from harness.memory.usage import hugepage_dir
+from harness.pytest.memory import recover_stale
 
 READY_TIMEOUT = 120.0  # pytest start-up, mkfs.ext4, and up to 30 s queueing for a hugepage
 EXIT_TIMEOUT = 60.0  # bound on the orderly teardown after SIGTERM (the last resort fires at 20 s)
 NR_2M = hugepage_dir(PAGE_2M) / "nr_hugepages"
 
-CHILD_CONFTEST = 'pytest_plugins = ["harness.memory.fixtures"]\n'
+CHILD_CONFTEST = 'pytest_plugins = ["harness.pytest.memory"]\n'
 CHILD_TEST = textwrap.dedent('''
     import json, os, time
 
@@ -273,7 +273,7 @@ def test_recovery_leaves_a_live_run_alone(tmp_path, reaper):
     child = _start(tmp_path, xdist=False)
     reaper.append(child)
     held = child.left()
-    other = subprocess.run([sys.executable, "-c", "import json; from harness.memory.fixtures import recover_stale; "
+    other = subprocess.run([sys.executable, "-c", "import json; from harness.pytest.memory import recover_stale; "
                             "print(json.dumps(recover_stale()))"],
                            capture_output=True, text=True, timeout=EXIT_TIMEOUT, check=True)
     cleaned = json.loads(other.stdout) + recover_stale()  # another process, then this one

@@ -1,4 +1,4 @@
-"""The dirty-tracking and write-back oracles (harness.dirty) fail on stale or missing data, and the
+"""The dirty-tracking and write-back oracles (harness.kvm.dirty) fail on stale or missing data, and the
 dirty-ring reader follows KVM's protocol — all without KVM."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from harness.caps import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET
-from harness.dirty import (
+from harness.kvm.caps import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET
+from harness.kvm.dirty import (
     PAGE,
     DirtyRing,
     bitmap_pages,
@@ -26,7 +26,7 @@ from harness.dirty import (
     ring_order_problems,
     word_offset,
 )
-from harness.errors import HarnessError
+from harness.kvm.errors import HarnessError
 
 
 # ---- bitmaps ------------------------------------------------------------------------------------
@@ -243,7 +243,8 @@ def test_disk_read_sees_unsynced_and_stale_data():
     msync the disk matches. An O_DIRECT read of the file would have flushed instead."""
     import shutil
 
-    from harness import hostmem, memory
+    from harness import memory
+    from harness.memory import hostmem
     from harness.memory.loopfs import DiskReadUnavailable, read_on_disk
     from harness.memory.mounts import Mounts
 
@@ -282,7 +283,7 @@ def test_disk_read_sees_unsynced_and_stale_data():
 def test_ring_full_exit_repush_only_right_after_the_reset():
     """The write a ring-full exit interrupted is pushed again as the first entry after the reset
     (KVM pushed it when the fault made the page writable; the write retires after the resume)."""
-    from harness.dirty import full_exit_repushes
+    from harness.kvm.dirty import full_exit_repushes
 
     harvested = [5, 1, 9, 9, 4]  # full exit after 3 entries; 9 comes again right after the reset
     assert full_exit_repushes(harvested, [3]) == [3]

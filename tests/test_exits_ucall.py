@@ -2,10 +2,10 @@
 
 import struct
 
-from harness import exits
-from harness._kvm_cffi import ffi
-from harness.failures import GuestAssertionError, GuestExceptionError, describe_pf_error
-from harness.ucall import ASSERT, EXCEPTION, SYNC, UCALL_SIZE, parse_ucall
+from harness.kvm import exits
+from harness.kvm._cffi import ffi
+from harness.lib.failures import GuestAssertionError, GuestExceptionError, describe_pf_error
+from harness.lib.ucall import ASSERT, EXCEPTION, SYNC, UCALL_SIZE, parse_ucall
 
 
 def _run():

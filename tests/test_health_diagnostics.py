@@ -13,7 +13,7 @@ import pytest
 
 from harness.health import diagnostics
 from harness.health.ptrace_helper import describe_syscall, symbolize
-from tests.ktap_parser import parse_ktap
+from harness.report.ktap_parser import parse_ktap
 
 pytest_plugins = ["pytester"]
 
@@ -120,7 +120,7 @@ def test_e2e_spinning_guest_fails_within_its_bound_with_a_report(pytester, monke
     pytester.makepyfile(test_spin=SPIN)
     ktap = pytester.path / "k.txt"
     t0 = time.monotonic()
-    res = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "-rA",
+    res = pytester.runpytest_subprocess("-p", "harness.pytest.plugin", "-p", "no:cacheprovider", "-rA",
                                         f"--ktap={ktap}", timeout=120)
     wall = time.monotonic() - t0
     res.assert_outcomes(failed=1, passed=1)  # the suite goes on after the hang
@@ -163,8 +163,7 @@ class _FakeVcpu:
 
 def test_a_blocking_collector_does_not_stop_the_kick(monkeypatch):
     """Diagnostics are bounded: a collector stuck on a lock still lets the watchdog kick."""
-    from harness import watchdog
-
+    from harness.kvm import watchdog
     monkeypatch.setattr(watchdog, "COLLECT_TIMEOUT_S", 0.5)
     wd = watchdog.Watchdog()
     gate = threading.Event()
@@ -185,8 +184,7 @@ def test_a_blocking_collector_does_not_stop_the_kick(monkeypatch):
 
 
 def test_a_closed_vcpu_is_not_kicked():
-    from harness import watchdog
-
+    from harness.kvm import watchdog
     wd = watchdog.Watchdog()
     v = _FakeVcpu()
     v.closed = True

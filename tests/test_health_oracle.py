@@ -1,5 +1,5 @@
 """The kernel-log oracle: unit checks on recorded splats, and end to end through pytest on the real
-/dev/kmsg (a pytester subprocess loading harness.pytest_plugin).
+/dev/kmsg (a pytester subprocess loading harness.pytest.plugin).
 
 The end-to-end cases write user-space records into the real kernel log. Each one says
 "kvm-harness test injection" and carries a random token, and the kernel tags it facility 1 (user),
@@ -16,7 +16,7 @@ import pytest
 
 from harness.health.kmsg import KmsgRecord, parse_kmsg_dump, parse_kmsg_record
 from harness.health.oracle import KmsgOracle, Window
-from tests.ktap_parser import parse_ktap
+from harness.report.ktap_parser import parse_ktap
 
 pytest_plugins = ["pytester"]
 
@@ -175,7 +175,7 @@ def test_clean():
 
 
 def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "-p", "no:cacheprovider", *args)
+    return pytester.runpytest_subprocess("-p", "harness.pytest.plugin", "-p", "no:cacheprovider", *args)
 
 
 def test_e2e_injected_record_fails_the_case_and_is_quoted(pytester):

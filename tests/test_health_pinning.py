@@ -75,7 +75,7 @@ def _run(pytester: pytest.Pytester, shim: Path, monkeypatch: pytest.MonkeyPatch,
     # a lock of its own: this outer case holds the machine's lock (shared) while the inner run goes
     monkeypatch.setenv("KVM_HARNESS_LOCK_DIR", str(pytester.path / "lock"))
     # the taint is the real machine's: it cannot change because of these fake records
-    return pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "-rA",
+    return pytester.runpytest_subprocess("-p", "harness.pytest.plugin", "-p", "no:cacheprovider", "-rA",
                                          "--leaks=off", *args)
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.report.ktap import KtapResult, KtapWriter, aggregate_outcome, render_ktap, sanitize_name
-from tests.ktap_parser import KtapParseError, ParsedTest, parse_ktap, walk
+from harness.report.ktap_parser import KtapParseError, ParsedTest, parse_ktap, walk
 
 
 def _roundtrip(results: list[KtapResult], **kw: str) -> list[ParsedTest]:
@@ -411,7 +411,7 @@ EXPECTED = {
 def _ktap_run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, str]:
     pytester.makepyfile(test_mixed=MIXED)
     out = pytester.path / "results" / "ktap.txt"
-    res = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "-p", "no:cacheprovider",
+    res = pytester.runpytest_subprocess("-p", "harness.pytest.plugin", "-p", "no:cacheprovider",
                                         f"--ktap={out}", *args)
     return res, out.read_text()
 
@@ -445,7 +445,7 @@ def test_plugin_ktap_file_xdist(pytester):
 
 def test_plugin_ktap_stdout_is_pure_ktap(pytester):
     pytester.makepyfile(test_mixed=MIXED)
-    res = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "--ktap")
+    res = pytester.runpytest_subprocess("-p", "harness.pytest.plugin", "-p", "no:cacheprovider", "--ktap")
     _check_mixed(res.stdout.str() + "\n")
     assert "short test summary" in res.stderr.str()  # pytest's own report moved to stderr
 
@@ -463,7 +463,7 @@ def test_plugin_junit_has_case_properties(pytester):
 
     pytester.makepyfile(test_mixed=MIXED)
     junit = pytester.path / "junit.xml"
-    pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "-p", "no:cacheprovider", f"--junitxml={junit}")
+    pytester.runpytest_subprocess("-p", "harness.pytest.plugin", "-p", "no:cacheprovider", f"--junitxml={junit}")
     root = ET.parse(junit).getroot()
     case = next(c for c in root.iter("testcase") if c.get("name") == "test_pass")
     props = {p.get("name"): p.get("value") for p in case.iter("property")}

@@ -11,7 +11,7 @@ import pytest
 
 from harness.health import leaks
 from harness.health.leaks import Limits, Snapshot, compare, snapshot
-from tests.ktap_parser import parse_ktap
+from harness.report.ktap_parser import parse_ktap
 
 pytest_plugins = ["pytester"]
 
@@ -136,7 +136,7 @@ def test_fails_and_leaks():
 def test_e2e_leaking_cases_fail_with_evidence(pytester):
     pytester.makepyfile(test_leaky=LEAKY)
     ktap = pytester.path / "k.txt"
-    res = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "-rA",
+    res = pytester.runpytest_subprocess("-p", "harness.pytest.plugin", "-p", "no:cacheprovider", "-rA",
                                         f"--ktap={ktap}")
     out = res.stdout.str()
     # The leaks fail their own case (at teardown); the failing case gets the evidence as a section.
@@ -154,14 +154,14 @@ def test_e2e_leaking_cases_fail_with_evidence(pytester):
 
 def test_e2e_leak_check_off(pytester):
     pytester.makepyfile(test_leaky=LEAKY)
-    res = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "--leaks=off")
+    res = pytester.runpytest_subprocess("-p", "harness.pytest.plugin", "-p", "no:cacheprovider", "--leaks=off")
     res.assert_outcomes(passed=4, failed=1)
 
 
 @pytest.mark.parametrize("mode", ["warn"])
 def test_e2e_leak_check_warn(pytester, mode):
     pytester.makepyfile(test_leaky=LEAKY)
-    res = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "-p", "no:cacheprovider", f"--leaks={mode}")
+    res = pytester.runpytest_subprocess("-p", "harness.pytest.plugin", "-p", "no:cacheprovider", f"--leaks={mode}")
     res.assert_outcomes(passed=4, failed=1)
     assert "KernelHealthWarning: leak check: test_leaky.py::test_leaks_an_fd" in res.stdout.str()
 

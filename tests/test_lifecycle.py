@@ -16,14 +16,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness.errors import KvmError
-from harness.failures import ClosedError
 from harness.health.leaks import open_fds
-from harness.kvm import Kvm
-from harness.vcpu import Vcpu
-from harness.vm import Vm
-from harness.watchdog import WATCHDOG
-from harness.x86.guestvm import GuestVm
+from harness.kvm.errors import KvmError
+from harness.kvm.system import Kvm
+from harness.kvm.vcpu import Vcpu
+from harness.kvm.vm import Vm
+from harness.kvm.watchdog import WATCHDOG
+from harness.lib.failures import ClosedError
+from harness.lib.guestvm import GuestVm
 
 CODE_GPA = 0x200000
 SPIN = bytes([0xEB, 0xFE])  # jmp . : a guest that only moves if someone runs it

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness import memory
-from harness.caps import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
-from harness.errors import HarnessError
+from harness.kvm.caps import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from harness.kvm.errors import HarnessError
 from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K, Feature, hugepages, mounts
 from harness.memory.hugepages import HugepagePool, HugepagesUnavailable
 from harness.memory.memtouch import (

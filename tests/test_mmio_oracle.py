@@ -10,10 +10,11 @@ import mmap
 
 import pytest
 
-from harness._kvm_cffi import ffi
-from harness.caps import KVM_COALESCED_MMIO_PAGE_OFFSET as COALESCED_MMIO_PAGE_OFFSET
-from harness.exits import CoalescedMmio, Mmio
-from harness.failures import Livelock
+from harness.kvm._cffi import ffi
+from harness.kvm.caps import KVM_COALESCED_MMIO_PAGE_OFFSET as COALESCED_MMIO_PAGE_OFFSET
+from harness.kvm.exits import CoalescedMmio, Mmio
+from harness.kvm.vcpu import Vcpu
+from harness.lib.failures import Livelock
 from harness.oracles.mmio import (
     Access,
     MmioDevice,
@@ -29,7 +30,6 @@ from harness.oracles.mmio import (
     truncations,
     write,
 )
-from harness.vcpu import Vcpu
 
 MAXPHYADDRS = (36, 39, 46, 48, 52)
 

@@ -1,7 +1,7 @@
 /*
  * dirty_writer: arg = GVA of struct dirty_desc. The guest writes one 8-byte word into each page of
  * a host-chosen list, in list order, so the host knows exactly which pages it dirtied and in which
- * order (dirty log / dirty ring oracles, harness/dirty.py).
+ * order (dirty log / dirty ring oracles, harness/kvm/dirty.py).
  *
  *   cmd 0  return (DONE)
  *   cmd 1  one pass: for i < count: page = pages[i]; word at base + page * 4096 + word_offset(page)

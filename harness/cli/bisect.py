@@ -15,7 +15,7 @@ import os
 import pytest
 
 GOOD, BAD, SKIP, ABORT = 0, 1, 125, 128
-KSELFTEST_SKIP = 4  # what harness.pytest_outcome makes of a run whose every case skipped
+KSELFTEST_SKIP = 4  # what harness.pytest.outcome makes of a run whose every case skipped
 
 
 class _Tally:

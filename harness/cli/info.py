@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from harness import backend, known_issues
-from harness.caps import Cap, VmType
+from harness import backends as backend
+from harness import known_issues
 from harness.health.kmsg import taint_letters
+from harness.kvm.caps import Cap, VmType
 
 
 def _read(path: str) -> str:
@@ -88,7 +89,7 @@ def predict_skips(kvm: Any, cpuid: Any, cases: Path = CASES_DIR) -> tuple[int, d
 
 def _kvm_section(dev: str) -> tuple[int, dict[str, list[str]], list[str]]:
     """The KVM part: (cases, predicted skips, what could not be read and why)."""
-    from harness.kvm import Kvm
+    from harness.kvm.system import Kvm
     from harness.x86.modes import Mode, unsupported_reason
 
     try:

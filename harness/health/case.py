@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from harness import known_issues
-from harness.errors import HarnessError
 from harness.health.oracle import Finding, KmsgOracle, Window, known_splats
+from harness.kvm.errors import HarnessError
 
 # (phase, finding) -> the message that must fail the case now, or None (reported as a warning,
 # attached to a failure already there, or --kmsg=off).

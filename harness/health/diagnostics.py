@@ -1,6 +1,6 @@
 """Hang diagnostics: what a stuck process was doing, collected when the watchdog fires.
 
-`collect_hang(vcpu, reason)` is a watchdog collector (harness.watchdog.Watchdog.collectors): it runs
+`collect_hang(vcpu, reason)` is a watchdog collector (harness.kvm.watchdog.Watchdog.collectors): it runs
 on the watchdog thread *before* the kick, while the vCPU thread is still inside KVM_RUN, and returns
 text that becomes part of the VcpuTimeout failure (which adds the registers read after the kick).
 
@@ -27,8 +27,8 @@ import traceback
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from harness.vcpu import Vcpu
-    from harness.vm import Vm
+    from harness.kvm.vcpu import Vcpu
+    from harness.kvm.vm import Vm
 
 _RUNNER_FRAME = re.compile(r"/(_pytest|pluggy|pytest|xdist|execnet)/|^<frozen runpy>$")
 STATS_SAMPLE_S = 0.1

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.kvm.errors import HarnessError
 
 LOCK_DIR = Path("/run/kvm-harness")
 ENV_DIR = "KVM_HARNESS_LOCK_DIR"  # another folder: a run that must not wait for this machine's others

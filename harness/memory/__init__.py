@@ -10,7 +10,7 @@
 Kinds: anon, anon-shared, anon-thp, shmem, tmpfs, hugetlb-2m, hugetlb-1g (memfd MFD_HUGETLB),
 hugetlbfs-2m, hugetlbfs-1g (file on a hugetlbfs mount), guest_memfd (KVM_CREATE_GUEST_MEMFD with
 MMAP|INIT_SHARED), file (ext4 on a loop device), file-hostfs (the machine's own filesystem).
-Pytest fixtures that reserve hugepages and skip with the reason live in harness.memory.fixtures.
+Pytest fixtures that reserve hugepages and skip with the reason live in harness.pytest.memory.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from harness.errors import HarnessError
-from harness.failures import check_size
+from harness.kvm.errors import HarnessError
+from harness.lib.failures import check_size
 from harness.memory.backings import (
     PAGE_4K,
     AnonBacking,
@@ -41,7 +41,7 @@ from harness.memory.hugepages import PAGE_1G, PAGE_2M, HugepagePool, HugepagesUn
 from harness.memory.mounts import Mounts
 
 if TYPE_CHECKING:
-    from harness.vm import Vm
+    from harness.kvm.vm import Vm
 
 __all__ = [
     "KINDS", "PAGE_1G", "PAGE_2M", "PAGE_4K", "Backing", "BackingKind", "BackingUnavailable", "Feature",
@@ -130,7 +130,7 @@ def create(name: str, size: int, *, vm: Vm | None = None, mounts: Mounts | None 
 
     Raises BackingUnavailable with the reason when this machine cannot make it (no hugepages in the
     pool, no guest_memfd mmap, no loop device...). Hugetlb kinds need their pages reserved first
-    (harness.memory.fixtures does that)."""
+    (harness.pytest.memory does that)."""
     k = kind(name)
     size = check_size(f"memory.create({name!r})", "size", size)
     return k.make(k.min_size(size), vm, mounts)

@@ -15,16 +15,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from harness import hostmem
-from harness.caps import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, Cap
-from harness.errors import HarnessError, KvmError
-from harness.failures import BadInput, check_size
-from harness.memory import usage
+from harness.kvm.caps import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, Cap
+from harness.kvm.errors import HarnessError, KvmError
+from harness.lib.failures import BadInput, check_size
+from harness.memory import hostmem, usage
 from harness.memory.hugepages import PAGE_1G, PAGE_2M, size_name
 from harness.memory.mounts import MountError, Mounts, default_mounts
 
 if TYPE_CHECKING:
-    from harness.vm import Vm
+    from harness.kvm.vm import Vm
 
 PAGE_4K = 4096
 MFD_CLOEXEC = 0x0001

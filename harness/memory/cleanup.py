@@ -4,13 +4,13 @@ pytest turns KeyboardInterrupt into an orderly end: the running case's fixtures 
 unmounted, loop devices detached, hugepage pools written back, temp folders removed), the session
 finishes (reports are written) and the exit status is 2 (interrupted). SIGTERM (CI cancellation,
 systemd) and SIGHUP (the terminal went away) kill a Python process outright by default, skipping
-all of that and the atexit hooks too. `install()` (pytest_configure of harness.memory.fixtures, in
+all of that and the atexit hooks too. `install()` (pytest_configure of harness.pytest.memory, in
 the controller and in every xdist worker) makes them raise `Terminated`, a KeyboardInterrupt, in the
 main thread instead:
 
 * Only the first SIGTERM/SIGHUP interrupts; repeats are ignored so they cannot cut the cleanup short,
   and so is one that comes while the session is already finishing (`holding()`; the exit status is
-  then made non-zero by harness.memory.fixtures).
+  then made non-zero by harness.pytest.memory).
   If the process is still alive GRACE_S seconds later (WORKER_GRACE_S in an xdist worker; a
   teardown stuck in the kernel), a helper thread runs the registered cleanups itself and exits with
   128 + signal number.

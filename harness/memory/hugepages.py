@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
+from harness.kvm.errors import HarnessError
 from harness.memory import cleanup
 from harness.memory.ledger import LEDGER, Book, Owner, boot_id, holder_alive, locked
 from harness.memory.usage import HUGEPAGES_SYSFS, hugepage_dir

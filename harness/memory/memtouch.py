@@ -18,15 +18,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import HarnessError
-from harness.exits import Exit, Mmio
-from harness.ucall import SYNC
-from harness.vcpu import DEFAULT_UCALL_TIMEOUT
+from harness.kvm.errors import HarnessError
+from harness.kvm.exits import Exit, Mmio
+from harness.kvm.vcpu import DEFAULT_UCALL_TIMEOUT
+from harness.lib.ucall import SYNC
 
 if TYPE_CHECKING:
-    from harness.kvm import Kvm
-    from harness.vcpu import Vcpu
-    from harness.x86.guestvm import GuestVm
+    from harness.kvm.system import Kvm
+    from harness.kvm.vcpu import Vcpu
+    from harness.lib.guestvm import GuestVm
 
 MIX = 0x9E3779B97F4A7C15
 MASK = (1 << 64) - 1
@@ -154,7 +154,7 @@ class MemTouch:
 
     @classmethod
     def open(cls, kvm: Kvm, **kw: Any) -> MemTouch:
-        from harness.x86.guestvm import GuestVm
+        from harness.lib.guestvm import GuestVm
 
         return cls(GuestVm(kvm, "memtouch", "long64", **kw))
 
@@ -212,7 +212,7 @@ class MemTouch:
 
     def done(self) -> None:
         """Send cmd 0 and run to GUEST_DONE."""
-        from harness.ucall import DONE
+        from harness.lib.ucall import DONE
 
         self.vm.write(self.desc, bytes(DESC_SIZE))
         uc = self.vcpu.run_until_ucall()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, replace
 
-from harness.caps import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from harness.kvm.caps import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 PAGE = 4096
 V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY

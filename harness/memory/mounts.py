@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
+from harness.kvm.errors import HarnessError
 from harness.memory import cleanup, ledger
 from harness.memory.ledger import LEDGER, pid_alive
 

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from harness._kvm_cffi import ffi, lib
+from harness.kvm._cffi import ffi, lib
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")

@@ -18,7 +18,7 @@ PAGE = 0x1000
 
 
 class MmioReport(Protocol):
-    """What the oracle reads from an exit: harness.exits.Mmio and CoalescedMmio both fit.
+    """What the oracle reads from an exit: harness.kvm.exits.Mmio and CoalescedMmio both fit.
 
     `is_write` may be absent (coalesced entries are writes by construction)."""
 
@@ -231,7 +231,7 @@ class MmioDevice:
     log: list[Any] = field(default_factory=list)
 
     def __call__(self, vcpu: Any, ex: Any) -> bool:
-        from harness.exits import Mmio
+        from harness.kvm.exits import Mmio
 
         if type(ex) is not Mmio:
             return False

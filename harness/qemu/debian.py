@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.kvm.errors import HarnessError
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("KVM_HARNESS_KERNEL_CACHE") or REPO / ".cache" / "kernels")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from harness import backend
+from harness import backends as backend
 from harness.qemu import image, initramfs
 from harness.qemu.modules import ModuleError, ModuleTree
 

@@ -20,12 +20,11 @@ import random
 import time
 from typing import TYPE_CHECKING, ClassVar
 
-from harness import hostmem
-from harness._kvm_cffi import ffi, lib
-from harness.caps import Cap
-from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K, Feature
+from harness.kvm._cffi import ffi, lib
+from harness.kvm.caps import Cap
+from harness.kvm.ioctl import kvm_ioctl
+from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K, Feature, hostmem
 from harness.race import protocol as P
-from harness.sys import kvm_ioctl
 
 if TYPE_CHECKING:
     from harness.race.engine import Race
@@ -325,8 +324,7 @@ class Mprotect(Disruptor):
 
     @classmethod
     def unsupported(cls, kind, features, kind_page, race):
-        from harness import backend
-
+        from harness import backends as backend
         if Feature.GUEST_MEMFD in features and not backend.is_kvm_pvm():
             # upstream faults guest_memfd-only slots from the guest_memfd, not through the host
             # mapping: its protection does not govern guest writes (kvm_pvm uses the mapping)
@@ -469,7 +467,7 @@ class Prefault(Disruptor):
 
 
 def _pre_fault_number() -> int:
-    from harness.ioctls import IOCTLS
+    from harness.kvm.ioctls import IOCTLS
 
     return IOCTLS["KVM_PRE_FAULT_MEMORY"].number
 

@@ -29,27 +29,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from harness import backend, memory
-from harness._kvm_cffi import ffi
-from harness.errors import HarnessError, KvmError
-from harness.exits import Intr, Io, Mmio
-from harness.failures import UnexpectedExitError
+from harness import backends as backend
+from harness import memory
 from harness.health import case as case_health
+from harness.kvm._cffi import ffi
+from harness.kvm.errors import HarnessError, KvmError
+from harness.kvm.exits import Intr, Io, Mmio
+from harness.kvm.stats import delta as stats_delta
+from harness.kvm.watchdog import WATCHDOG
+from harness.lib.failures import UnexpectedExitError
+from harness.lib.guestvm import GuestVm
+from harness.lib.ucall import DONE, PRINTF, SYNC, UCALL_PORT, read_ucall
 from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K, Feature, usage
 from harness.memory.hugepages import HugepagePool
 from harness.race import protocol as P
 from harness.race.disruptors import DISRUPTORS, Disruptor
-from harness.stats import delta as stats_delta
-from harness.ucall import DONE, PRINTF, SYNC, UCALL_PORT, read_ucall
-from harness.watchdog import WATCHDOG
 from harness.x86 import kvmclock
-from harness.x86.guestvm import GuestVm
 
 if TYPE_CHECKING:
-    from harness.kvm import Kvm
+    from harness.kvm.system import Kvm
+    from harness.kvm.vcpu import Vcpu
+    from harness.kvm.vm import Vm
     from harness.memory import Backing
-    from harness.vcpu import Vcpu
-    from harness.vm import Vm
 
 MakeBacking = Callable[[str, int, "Vm"], "Backing"]
 

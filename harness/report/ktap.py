@@ -156,7 +156,7 @@ class KtapWriter:
 
     ``plan`` is the number of top-level results and is written right after the version line.
     ``plan=None`` omits the plan (the spec tolerates that when the count is unknown) but the
-    strict parser in tests/ktap_parser.py rejects such output; pass the collected count.
+    strict parser in harness/report/ktap_parser.py rejects such output; pass the collected count.
     """
 
     def __init__(self, stream: TextIO, plan: int | None, *, suite: str | None = None) -> None:

@@ -11,7 +11,7 @@ import enum
 import struct
 from typing import Any
 
-from harness import backend
+from harness import backends as backend
 from harness.x86.paging import PagingMode
 
 GDT_GPA = 0x1000

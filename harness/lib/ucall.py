@@ -6,11 +6,11 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from harness.failures import GuestAssertionError, GuestExceptionError
+from harness.lib.failures import GuestAssertionError, GuestExceptionError
 
 if TYPE_CHECKING:
-    from harness.exits import Io
-    from harness.vcpu import Vcpu
+    from harness.kvm.exits import Io
+    from harness.kvm.vcpu import Vcpu
 
 UCALL_PORT = 0x1000
 SYNC, ASSERT, DONE, PRINTF, EXCEPTION = 1, 2, 3, 4, 5

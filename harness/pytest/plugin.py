@@ -17,19 +17,20 @@ from typing import Any
 
 import pytest
 
-from harness import backend, known_issues
-from harness.caps import Cap
-from harness.failures import BadInput, VcpuTimeout, seconds_arg
+from harness import backends as backend
+from harness import known_issues
 from harness.health import case as case_health
 from harness.health import diagnostics, leaks
 from harness.health.exclusive import KmsgLock
 from harness.health.oracle import MODES, Finding, KmsgOracle, known_splats
-from harness.kvm import Kvm
-from harness.report.pytest_ktap import HEALTH_PROPERTY, TIMEOUT_PROPERTY, KtapReporter, redirect_terminal_to_stderr
-from harness.vcpu import Vcpu
-from harness.vm import Vm
-from harness.watchdog import WATCHDOG
-from harness.x86.guestvm import GuestVm, ModeUnsupported
+from harness.kvm.caps import Cap
+from harness.kvm.system import Kvm
+from harness.kvm.vcpu import Vcpu
+from harness.kvm.vm import Vm
+from harness.kvm.watchdog import WATCHDOG
+from harness.lib.failures import BadInput, VcpuTimeout, seconds_arg
+from harness.lib.guestvm import GuestVm, ModeUnsupported
+from harness.pytest.ktap import HEALTH_PROPERTY, TIMEOUT_PROPERTY, KtapReporter, redirect_terminal_to_stderr
 from harness.x86.modes import Mode
 
 DEFAULT_TEST_TIMEOUT = 60.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from harness._kvm_cffi import ffi
+from harness.kvm._cffi import ffi
 
 
 class ExitReason(enum.IntEnum):

@@ -35,8 +35,8 @@ from harness.memory.memtouch import MemTouch
 from harness.memory.mounts import Mounts, cleanup_stale, close_default, default_mounts
 
 if TYPE_CHECKING:
-    from harness.kvm import Kvm
-    from harness.vm import Vm
+    from harness.kvm.system import Kvm
+    from harness.kvm.vm import Vm
 
 DEFAULT_WAIT = 30.0  # seconds a case queues for hugepages another worker holds
 

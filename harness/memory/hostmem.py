@@ -11,7 +11,7 @@ import mmap as _mmap
 import os
 from typing import Any
 
-from harness._kvm_cffi import ffi, lib
+from harness.kvm._cffi import ffi, lib
 
 PROT_NONE = 0
 PROT_READ = _mmap.PROT_READ

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness._kvm_cffi import ffi
+from harness.kvm._cffi import ffi
 
 
 @dataclass

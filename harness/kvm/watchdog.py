@@ -16,11 +16,11 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from harness._kvm_cffi import lib
-from harness.failures import ClosedError
+from harness.kvm._cffi import lib
+from harness.lib.failures import ClosedError
 
 if TYPE_CHECKING:
-    from harness.vcpu import Vcpu
+    from harness.kvm.vcpu import Vcpu
 
 POLL_S = 0.02
 COLLECT_TIMEOUT_S = 10.0  # bound on the diagnostics collected before a kick

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from harness._kvm_cffi import ffi, lib
-from harness.errors import KvmError
-from harness.ioctls import IOCTLS
+from harness.kvm._cffi import ffi, lib
+from harness.kvm.errors import KvmError
+from harness.kvm.ioctls import IOCTLS
 
 ArgDesc = str | Callable[[], str]
 

@@ -294,11 +294,11 @@ def walk(block: ParsedBlock, depth: int = 0) -> Iterator[tuple[int, ParsedTest]]
 
 
 def main(argv: list[str]) -> int:
-    """`python -m tests.ktap_parser FILE`: 0 and a one-line summary when FILE is valid strict KTAP."""
+    """`python -m harness.report.ktap_parser FILE`: 0 and a one-line summary when FILE is valid strict KTAP."""
     import sys
 
     if len(argv) != 1:
-        print("usage: python -m tests.ktap_parser FILE", file=sys.stderr)
+        print("usage: python -m harness.report.ktap_parser FILE", file=sys.stderr)
         return 2
     with open(argv[0], encoding="utf-8") as f:
         text = f.read()

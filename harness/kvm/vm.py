@@ -7,17 +7,17 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from harness._kvm_cffi import ffi
-from harness.caps import KVM_MEM_GUEST_MEMFD, Cap
-from harness.errors import HarnessError
-from harness.failures import BadInput, ClosedError, check_size, check_uint, closed_class
-from harness.hostmem import PAGE_SIZE, Mapping, view
-from harness.stats import Stats
-from harness.sys import kvm_ioctl
-from harness.vcpu import Vcpu, enable_cap_struct
+from harness.kvm._cffi import ffi
+from harness.kvm.caps import KVM_MEM_GUEST_MEMFD, Cap
+from harness.kvm.errors import HarnessError
+from harness.kvm.ioctl import kvm_ioctl
+from harness.kvm.stats import Stats
+from harness.kvm.vcpu import Vcpu, enable_cap_struct
+from harness.lib.failures import BadInput, ClosedError, check_size, check_uint, closed_class
+from harness.memory.hostmem import PAGE_SIZE, Mapping, view
 
 if TYPE_CHECKING:
-    from harness.kvm import Kvm
+    from harness.kvm.system import Kvm
 
 
 class Backing(Protocol):
@@ -404,7 +404,7 @@ class Vm:
         kvm_ioctl(self.fd, "KVM_GET_CLOCK", c, "")
         return c.clock, c.flags
 
-    # ---- dirty tracking (additions for harness.dirty) ------------------------------------------
+    # ---- dirty tracking (additions for harness.kvm.dirty) ------------------------------------------
     def enable_manual_dirty_log_protect(self, flags: int = 1) -> None:
         """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET_DIRTY_LOG stops re-protecting; CLEAR_DIRTY_LOG does it.
         flags: KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE (1) | KVM_DIRTY_LOG_INITIALLY_SET (2)."""
@@ -420,13 +420,13 @@ class Vm:
 
     def get_dirty_pages(self, slot: int) -> set[int]:
         """KVM_GET_DIRTY_LOG as a set of page numbers within the slot."""
-        from harness.dirty import bitmap_pages
+        from harness.kvm.dirty import bitmap_pages
 
         return bitmap_pages(self.get_dirty_log(slot), self._slot(slot, "Vm.get_dirty_pages").size // 4096)
 
     def clear_dirty_pages(self, slot: int, pages: set[int] | None = None) -> None:
         """KVM_CLEAR_DIRTY_LOG over the whole slot for `pages` (all pages when None)."""
-        from harness.dirty import pages_bitmap
+        from harness.kvm.dirty import pages_bitmap
 
         npages = self._slot(slot, "Vm.clear_dirty_pages").size // 4096
         bits = pages_bitmap(range(npages) if pages is None else pages, npages)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness._kvm_cffi import ffi
+from harness.kvm._cffi import ffi
 
 KVMIO = 0xAE
 

@@ -1,6 +1,6 @@
 """`--ktap[=PATH]`: the run as KTAP v1, one result per case, streamed as cases finish.
 
-Registered by harness.pytest_plugin in the process that sees every report: the only process
+Registered by harness.pytest.plugin in the process that sees every report: the only process
 without xdist, the controller with it (workers send their reports there). The plan is the number
 of collected cases (after deselection), known before the first result. Cases that never report
 (the session was interrupted, a worker crashed) are written as `not ok N name # ERROR not run`.
@@ -32,7 +32,7 @@ def _crash_line(rep: pytest.TestReport) -> str:
         return crashed.strip()
     if not msg:
         msg = next((ln for ln in rep.longreprtext.splitlines() if ln.strip()), "")
-    # "harness.failures.VcpuTimeout: vcpu 0 ..." -> "vcpu 0 ..."; "Failed: x" -> "x"
+    # "harness.lib.failures.VcpuTimeout: vcpu 0 ..." -> "vcpu 0 ..."; "Failed: x" -> "x"
     head, sep, tail = msg.partition(": ")
     if sep and " " not in head:
         msg = tail

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from harness.failures import seconds_arg
+from harness.kvm.watchdog import WATCHDOG
+from harness.lib.failures import seconds_arg
 from harness.memory import PAGE_4K
 from harness.race.engine import ORACLES, Race, RaceReport, RaceSpec, RaceUnsupported
-from harness.watchdog import WATCHDOG
 
 if TYPE_CHECKING:
-    from harness.kvm import Kvm
+    from harness.kvm.system import Kvm
 
 DEFAULT_SECONDS = 1.0
 

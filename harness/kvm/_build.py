@@ -16,7 +16,7 @@ from _cdefs import HELPERS_DECL, HELPERS_SRC, UAPI
 ffibuilder = FFI()
 ffibuilder.cdef(UAPI + HELPERS_DECL)
 ffibuilder.set_source(
-    "harness._kvm_cffi",
+    "harness.kvm._cffi",
     HELPERS_SRC + "\n" + UAPI,
     extra_compile_args=["-O2", "-Wno-unused-parameter"],
 )

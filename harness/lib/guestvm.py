@@ -10,12 +10,12 @@ import operator
 import weakref
 from typing import Any
 
-from harness.errors import HarnessError
-from harness.failures import BadInput, check_size, check_uint
-from harness.guest import GuestImage, load_image
-from harness.kvm import Kvm
-from harness.vcpu import Vcpu
-from harness.vm import Memslot, Vm
+from harness.kvm.errors import HarnessError
+from harness.kvm.system import Kvm
+from harness.kvm.vcpu import Vcpu
+from harness.kvm.vm import Memslot, Vm
+from harness.lib.failures import BadInput, check_size, check_uint
+from harness.lib.guest import GuestImage, load_image
 from harness.x86.modes import GDT_GPA, Mode, gdt_bytes, setup_sregs, unsupported_reason
 from harness.x86.paging import PageTables
 

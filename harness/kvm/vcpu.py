@@ -13,13 +13,16 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from harness import exits
-from harness._kvm_cffi import ffi, lib
-from harness.caps import KVM_COALESCED_MMIO_PAGE_OFFSET
-from harness.cpuid import Cpuid
-from harness.errors import HarnessError, KvmError
-from harness.exits import CoalescedMmio, Exit, Io, Mmio
-from harness.failures import (
+from harness.kvm import exits
+from harness.kvm._cffi import ffi, lib
+from harness.kvm.caps import KVM_COALESCED_MMIO_PAGE_OFFSET
+from harness.kvm.cpuid import Cpuid
+from harness.kvm.errors import HarnessError, KvmError
+from harness.kvm.exits import CoalescedMmio, Exit, Io, Mmio
+from harness.kvm.ioctl import kvm_ioctl
+from harness.kvm.stats import Stats
+from harness.kvm.watchdog import WATCHDOG
+from harness.lib.failures import (
     BadInput,
     ClosedError,
     Livelock,
@@ -29,13 +32,10 @@ from harness.failures import (
     check_uint,
     closed_class,
 )
-from harness.stats import Stats
-from harness.sys import kvm_ioctl
-from harness.watchdog import WATCHDOG
 
 if TYPE_CHECKING:
-    from harness.ucall import Ucall
-    from harness.vm import Vm
+    from harness.kvm.vm import Vm
+    from harness.lib.ucall import Ucall
 
 _get_ident = threading.get_ident
 _kh_run = lib.kh_run
@@ -83,7 +83,7 @@ class Vcpu:
         self.kvm_run: Any = ffi.cast("struct kvm_run *", self._run_buf)
         self._run = self.kvm_run
         self._buf = ffi.buffer(self._run_buf)
-        # watchdog state, read by harness.watchdog from its own thread
+        # watchdog state, read by harness.kvm.watchdog from its own thread
         self._tid = 0
         self._expired: str | None = None
         self._deadline: float | None = None
@@ -176,8 +176,7 @@ class Vcpu:
         `livelock_exits` identical handled MMIO exits in a row at the same RIP, with no ucall in
         between, raise Livelock (RIP, GPA, exit count); None disables the check.
         """
-        from harness import ucall as _ucall
-
+        from harness.lib import ucall as _ucall
         t = DEFAULT_UCALL_TIMEOUT if timeout is None else check_seconds("Vcpu.run_until_ucall", "timeout", timeout)
         # Livelock state, touched only on handled MMIO exits (Vcpu.run() stays as cheap as it was).
         last_key: tuple[int, int, bool, bytes | None] | None = None
@@ -244,8 +243,7 @@ class Vcpu:
 
     def run_until_done(self, timeout: float | None = None, **kw: Any) -> list[Ucall]:
         """Run to GUEST_DONE, returning the SYNC ucalls met on the way."""
-        from harness import ucall as _ucall
-
+        from harness.lib import ucall as _ucall
         syncs = []
         t = DEFAULT_UCALL_TIMEOUT if timeout is None else check_seconds("Vcpu.run_until_done", "timeout", timeout)
         end = time.monotonic() + t

@@ -14,12 +14,12 @@ import math
 import operator
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from harness.errors import HarnessError
+from harness.kvm.errors import HarnessError
 
 if TYPE_CHECKING:
-    from harness.exits import Exit
-    from harness.ucall import Ucall
-    from harness.vcpu import Vcpu
+    from harness.kvm.exits import Exit
+    from harness.kvm.vcpu import Vcpu
+    from harness.lib.ucall import Ucall
 
 
 class GuestFailure(AssertionError):

@@ -20,12 +20,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from harness._kvm_cffi import ffi
-from harness.caps import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET
-from harness.errors import HarnessError
+from harness.kvm._cffi import ffi
+from harness.kvm.caps import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET
+from harness.kvm.errors import HarnessError
 
 if TYPE_CHECKING:
-    from harness.vcpu import Vcpu
+    from harness.kvm.vcpu import Vcpu
 
 PAGE = 4096
 DIRTY_GFN_SIZE = 16  # struct kvm_dirty_gfn

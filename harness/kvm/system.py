@@ -6,13 +6,13 @@ import contextlib
 import functools
 import os
 
-from harness._kvm_cffi import ffi
-from harness.caps import Cap
-from harness.cpuid import Cpuid
-from harness.errors import KvmError
-from harness.failures import check_uint, closed_class
-from harness.sys import kvm_ioctl
-from harness.vm import Vm
+from harness.kvm._cffi import ffi
+from harness.kvm.caps import Cap
+from harness.kvm.cpuid import Cpuid
+from harness.kvm.errors import KvmError
+from harness.kvm.ioctl import kvm_ioctl
+from harness.kvm.vm import Vm
+from harness.lib.failures import check_uint, closed_class
 
 KVM_API_VERSION = 12
 

@@ -1,0 +1,1 @@
+"""The pytest plugins: fixtures, markers, options, outcomes, KTAP/JUnit reporting."""
