@@ -14,8 +14,7 @@ from array import array
 
 import pytest
 
-from harness import backends as backend
-from harness import memory
+from harness import backends, memory
 from harness.kvm.caps import KVM_MEM_GUEST_MEMFD
 from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K, Feature, usage
 from harness.memory.memtouch import checksum, host_check, host_fill, offsets, words
@@ -194,7 +193,7 @@ def test_remap(kvm, backings, memtouch, kind):
 @pytest.mark.parametrize("source", ["gmem-mapping", "other-anon", "none"])
 def test_guest_memfd_source(kvm, backings, memtouch, source):
     """Where a guest_memfd slot's memory comes from depends on the backend: upstream faults it from
-    the guest_memfd itself; kvm_pvm serves it from userspace_addr (FIELD-NOTES)."""
+    the guest_memfd itself; kvm_pvm serves it from userspace_addr (harness.backends)."""
     from harness.kvm.exits import Mmio
 
     vm = memtouch.vm
@@ -216,7 +215,7 @@ def test_guest_memfd_source(kvm, backings, memtouch, source):
         return False
 
     seen = memtouch.read_word(gva, on_exit=on_exit)
-    if not backend.is_kvm_pvm():
+    if not backends.current().gmem_from_userspace_addr:
         assert seen == 0x1111111111111111, "upstream: guest_memfd-only slots are faulted from the guest_memfd"
     else:
         want = {"gmem-mapping": 0x1111111111111111, "other-anon": 0x2222222222222222,

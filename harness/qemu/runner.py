@@ -135,8 +135,9 @@ def nested_available() -> str | None:
     """None if this host's KVM can run a guest that itself offers /dev/kvm, else why not."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "no usable /dev/kvm on the host"
-    if backend.is_kvm_pvm():
-        return "the host's KVM is kvm_pvm, which cannot accelerate QEMU (FIELD-NOTES)"
+    why = backend.current().cannot_accelerate_qemu
+    if why:
+        return why
     for mod in ("kvm_amd", "kvm_intel"):
         val = backend.module_param(mod, "nested")
         if val is not None:

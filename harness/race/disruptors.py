@@ -324,10 +324,10 @@ class Mprotect(Disruptor):
 
     @classmethod
     def unsupported(cls, kind, features, kind_page, race):
-        from harness import backends as backend
-        if Feature.GUEST_MEMFD in features and not backend.is_kvm_pvm():
-            # upstream faults guest_memfd-only slots from the guest_memfd, not through the host
-            # mapping: its protection does not govern guest writes (kvm_pvm uses the mapping)
+        from harness import backends
+        if Feature.GUEST_MEMFD in features and not backends.current().gmem_from_userspace_addr:
+            # guest_memfd-only slots are faulted from the guest_memfd, not through the host
+            # mapping: its protection does not govern guest writes
             return "upstream KVM does not fault guest_memfd slots through the host mapping: mprotect " \
                    "on it does not govern guest writes"
         return None

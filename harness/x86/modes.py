@@ -11,7 +11,7 @@ import enum
 import struct
 from typing import Any
 
-from harness import backends as backend
+from harness import backends
 from harness.x86.paging import PagingMode
 
 GDT_GPA = 0x1000
@@ -60,14 +60,13 @@ class Mode(enum.Enum):
 
 def unsupported_reason(mode: Mode, cpuid: Any) -> str | None:
     """Why this host cannot run `mode`, or None when it can."""
-    if mode in (Mode.PAE32,) and backend.is_kvm_pvm():
-        return ("kvm_pvm supports guest paging only in long mode (/sys/module/kvm_pvm is loaded; "
-                "dmesg: 'kvm-pvm supports paging only in long mode'); run on another kernel")
+    here = backends.current()
+    if mode is Mode.PAE32 and here.pae_refused:
+        return here.pae_refused
     if mode is Mode.LONG64_LA57:
         if not cpuid.la57:
             return "5-level paging: KVM_GET_SUPPORTED_CPUID does not offer LA57 (CPUID.7.0:ECX[16])"
-        if backend.is_kvm_pvm():
-            return "5-level paging: kvm_pvm refuses CR4.LA57 in KVM_SET_SREGS"
+        return here.la57_refused
     return None
 
 
