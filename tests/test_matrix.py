@@ -59,8 +59,8 @@ def test_cells_from_junit(cells):
 
 def test_ktap_header(tmp_path):
     p = tmp_path / "k.txt"
-    p.write_text("KTAP version 1\n1..3\n# kernel 7.3.4+deb13-amd64 (x86_64)\n# backend kvm_amd\nok 1 a\n")
-    assert ktap_header(p) == {"release": "7.3.4+deb13-amd64", "backend": "kvm_amd"}
+    p.write_text("KTAP version 1\n1..3\n# kernel 7.3.4+deb13-amd64 (x86_64)\n# backend kvm_amd\n# paging tdp\nok 1 a\n")
+    assert ktap_header(p) == {"release": "7.3.4+deb13-amd64", "backend": "kvm_amd", "paging": "tdp"}
 
 
 def test_table_text_json_html_and_verdict(cells, tmp_path):
@@ -170,3 +170,21 @@ def test_known_issue_check_follows_each_runs_paging():
     runs[1].kernel = "debian:7.3.4+npt0"
     out = disagreements(runs, [ki], {}, {"debian:7.3.4": "tcg", "debian:7.3.4+npt0": "tcg"})
     assert len(out) == 1 and "debian:7.3.4 (" in out[0]
+
+
+def test_markdown_for_docs(cells):
+    """The docs table: the run's command and date, each kernel's counts, every non-pass cell, one row
+    per test function, skip reasons counted per kernel."""
+    host = KernelRun("host", "6.18.44", "kvm_pvm", 0, "verdict", "", 10.0,
+                     {"cases/test_memslots.py::test_bad_input[gpa-wraps]": Cell("pass"),
+                      "cases/test_memslots.py::test_bad_input[slot-big]": Cell("skip", "no such thing"),
+                      "cases/test_memslots.py::test_gmem[x]": Cell("skip", "KVM_CAP_GUEST_MEMFD is 0")},
+                     paging="shadow")
+    deb = KernelRun("debian:7.3.4", "7.3.4+deb13-amd64", "kvm_amd", 1, "verdict", "", 80.0, cells)
+    md = report.markdown([host, deb], "python -m harness matrix -- cases/", "2026-12-04T19:00:00+00:00",
+                         "python -m harness matrix --no-run --markdown docs/x.md")
+    assert "from the run of 2026-12-04T19:00:00+00:00" in md and "    python -m harness matrix -- cases/" in md
+    assert "| host | 6.18.44 | kvm_pvm | shadow | 0 | 10 s | 1 | 0 | 0 | 0 | 0 | 2 |" in md
+    assert "| `cases/test_memslots.py::test_bad_input` | 1 pass, 1 skip |" in md
+    assert "XPASS(gmem-binding-overlap-einval)" in md and "xfail(pvm-dirty-ring-overflow)" in md
+    assert "| KVM_CAP_GUEST_MEMFD is 0 | 1 |" in md

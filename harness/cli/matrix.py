@@ -9,6 +9,7 @@ disagrees with the cells (with `--no-run`: on the results already there).
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check-known-issues", action="store_true",
                    help="report known-issues.toml entries whose kernel range disagrees with the cells")
     p.add_argument("--no-run", action="store_true", help="use the results already in --out")
+    p.add_argument("--markdown", type=Path, help="also write the table as Markdown (for docs/), with the date "
+                   "and command of the run")
     kernel_cli.add_run_options(p, kernel_required=False)
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: the pytest selection")
     return p
@@ -82,7 +85,16 @@ def run(args) -> int:
             except debian.KernelFetchError:
                 configs[k] = frozenset()
         runs.append(kr)
-    paths = report.write(runs, ns.out, command)
+    ran, date = shlex.join(command), None
+    if ns.no_run and (ns.out / "matrix.json").exists():  # keep the run's own command and date
+        prev = json.loads((ns.out / "matrix.json").read_text())
+        ran, date = shlex.join(prev.get("command", command)), prev.get("date")
+        command = prev.get("command", command)
+    paths = report.write(runs, ns.out, command, date)
+    if ns.markdown:
+        ns.markdown.write_text(report.markdown(runs, ran, date or "now",
+                                               shlex.join(["python", "-m", "harness", "matrix", *args.argv])))
+        paths["markdown"] = ns.markdown
     print(report.text(runs, command, only_interesting=True))
     print("matrix: " + ", ".join(f"{k} {p}" for k, p in paths.items()))
     print("matrix: time per kernel: " + ", ".join(f"{r.kernel} {r.seconds:.0f} s" for r in runs))
