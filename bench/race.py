@@ -21,7 +21,8 @@ from bench.registry import BUILD_DIR, Bench, register
 from harness import memory
 from harness.kvm._cffi import ffi
 from harness.kvm.system import Kvm
-from harness.race.engine import GPA_A, Race, RaceSpec
+from harness.race import Race, RaceSpec
+from harness.race.region import GPA_A
 
 _images: dict[str, Path] = {}
 

@@ -23,23 +23,14 @@ import pytest
 
 from harness import memory
 from harness.kvm.caps import KVM_MEM_LOG_DIRTY_PAGES, Cap
-from harness.kvm.dirty import (
-    PAGE,
-    DirtyRing,
-    check_exact,
-    dirty_value,
-    full_exit_repushes,
-    migration_problems,
-    repeats,
-    ring_order_problems,
-    word_offset,
-)
+from harness.kvm.dirty import PAGE, DirtyRing, dirty_value, word_offset
 from harness.kvm.errors import KvmError
 from harness.kvm.exits import DirtyRingFull
 from harness.lib.guestvm import GuestVm
 from harness.lib.ucall import DONE, SYNC
 from harness.memory import PAGE_1G, PAGE_2M, Feature
-from harness.pytest.race import race_seconds, race_seed
+from harness.oracles.dirty import dirty_pages, migration_copy, ring_order
+from harness.pytest import options
 
 SLOT = 1
 RING_SECONDS = 30.0  # test_dirty_ring_never_overflows keeps filling the ring this long
@@ -61,9 +52,7 @@ class Writer:
         self.seed = seed
         self.desc = vm.alloc(64, 64)
         self.list = vm.alloc(8 * MAX_LIST, 64)
-        r = vm.vcpu.get_regs()
-        r.rsi = self.desc
-        vm.vcpu.set_regs(r)
+        vm.vcpu.set_args(self.desc)
 
     def _desc(self, cmd: int, pages: list[int], rnd: int) -> None:
         if len(pages) > MAX_LIST:
@@ -152,13 +141,11 @@ def test_dirty_log_exact(make_writer, kernel_health, kind, method):
         vm.clear_dirty_pages(SLOT)
     else:
         first = vm.get_dirty_pages(SLOT)
-        assert check_exact((), first, gpa=GPA, what="before the guest ran").ok, \
-            check_exact((), first, gpa=GPA).problems()
+        dirty_pages((), first, gpa=GPA).check(f"before the guest ran, {w.where()}")
     for rnd, pages in enumerate(_rounds(w.npages, w.seed), 1):
         w.write(pages, rnd)
         got = vm.get_dirty_pages(SLOT)
-        v = check_exact(pages, got, gpa=GPA, what=f"{method} round {rnd}")
-        assert v.ok, "\n".join(v.problems()) + f"\n({w.where()})"
+        dirty_pages(pages, got, gpa=GPA).check(f"{method} round {rnd}, {w.where()}")
         again = vm.get_dirty_pages(SLOT)
         if MANUAL[method]:
             assert again == got, f"manual protect: a second GET changed the report without a CLEAR " \
@@ -208,9 +195,8 @@ def test_dirty_log_huge_split(make_writer, kernel_health, kind, method):
         rng.shuffle(pages)
         w.write(pages, 10 + cycle)
         got = vm.get_dirty_pages(SLOT)
-        v = check_exact(pages, got, gpa=GPA, what=f"{method} after enabling logging on a huge mapping "
-                                                   f"(cycle {cycle})")
-        assert v.ok, "\n".join(v.problems()) + f"\n({w.where()})"
+        dirty_pages(pages, got, gpa=GPA).check(f"{method} after enabling logging on a huge mapping "
+                                               f"(cycle {cycle}), {w.where()}")
         vm.set_memslot_flags(SLOT, 0)
         w.write(pages[:50], 20 + cycle)  # written with logging off: must not show up later
     kernel_health.assert_healthy(w.where())
@@ -244,9 +230,8 @@ def test_dirty_ring_order(make_writer, kvm, kernel_health, record_property, kind
             got = ring.harvest()
             slots = {s for s, _ in got}
             assert slots <= {SLOT}, f"ring entries for slots {slots}, only slot {SLOT} logs"
-            probs = ring_order_problems(order, [o for _, o in got], gpa=GPA)
-            assert not probs, "\n".join(probs) + f"\n(round {rnd}, {w.where()})"
-            record_property(f"repeated_entries_round{rnd}", repeats([o for _, o in got]))
+            v = ring_order(order, [o for _, o in got], gpa=GPA).check(f"round {rnd}, {w.where()}")
+            record_property(f"repeated_entries_round{rnd}", v.facts["repeats"])
             n = vm.reset_dirty_rings()
             assert n == len(got), f"KVM_RESET_DIRTY_RINGS reset {n} entries, {len(got)} were harvested"
             assert ring.harvest() == [], "entries appeared with the guest stopped"
@@ -287,7 +272,7 @@ def test_dirty_ring_never_overflows(make_writer, kernel_health, record_property)
     ring = w.vm.own(DirtyRing(w.vm.vcpu, entries))
     got: list[int] = []
     sizes: list[int] = []
-    resets: list[int] = []  # len(got) at each full exit's reset, for full_exit_repushes
+    resets: list[int] = []  # len(got) at each full exit's reset: ring_order excuses the write it interrupted
     repushed = 0
 
     def on_exit(vcpu, ex):
@@ -314,9 +299,9 @@ def test_dirty_ring_never_overflows(make_writer, kernel_health, record_property)
             w.write(pages, rnd, on_exit=on_exit)
             got.extend(o for _, o in ring.harvest())
             w.vm.reset_dirty_rings()
-            probs = ring_order_problems(pages, got, gpa=GPA, resets=resets)
-            assert not probs, "\n".join(probs) + f"\n(pass {rnd}; entries harvested at each full exit: {sizes})"
-            repushed += len(full_exit_repushes(got, resets))
+            v = ring_order(pages, got, gpa=GPA, resets=resets)
+            v.check(f"pass {rnd}; entries harvested at each full exit: {sizes}")
+            repushed += v.facts["repushes"]
     finally:
         record_property("passes", rnd)
         record_property("repushed_after_full_exit", repushed)
@@ -338,8 +323,8 @@ def test_dirty_concurrent_no_loss(make_writer, kernel_health, request, record_pr
     or GET_DIRTY_LOG, or GET + CLEAR_DIRTY_LOG) and only then copies them. After the guest stops
     and a final collection, the copy must equal guest memory: any page that differs had a write
     whose dirty bit was lost."""
-    seed = race_seed(request.config)
-    seconds = race_seconds(request.config)
+    seed = options.seed(request.config)
+    seconds = options.race_seconds(request.config)
     ring_entries = RING_ENTRIES if method == "ring" else 0
     w = make_writer(kind, ring=ring_entries, manual=1 if method == "manual-clear" else 0,
                     seed=f"{method}/{kind}/{seed}")
@@ -427,9 +412,8 @@ def test_dirty_concurrent_no_loss(make_writer, kernel_health, request, record_pr
     record_property("rounds", rounds)
     record_property("collections", collections)
     assert rounds >= 3, f"the guest completed only {rounds} rounds (seed {seed})"
-    probs = migration_problems(bytes(src), bytes(copy), gpa=GPA)
-    assert not probs, "\n".join(probs) + f"\n({method}, {rounds} rounds, {collections} collections, {w.where()}," \
-                                         f" rerun with --race-seed={seed})"
+    migration_copy(bytes(src), bytes(copy), gpa=GPA).check(
+        f"{method}, {rounds} rounds, {collections} collections, {w.where()}, rerun with --race-seed={seed}")
     extra = reported - written
     assert not extra and not order_bad, f"reported pages the guest never wrote: {sorted(extra)[:10]} {order_bad}"
     kernel_health.assert_healthy(w.where())

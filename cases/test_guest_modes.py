@@ -7,6 +7,7 @@ import pytest
 
 from harness.kvm.exits import Mmio
 from harness.lib.failures import GuestAssertionError, GuestExceptionError, VcpuTimeout
+from harness.lib.mailbox import Mailbox
 from harness.lib.ucall import DONE, SYNC
 from harness.pytest.plugin import modes
 from harness.x86.modes import Mode
@@ -39,13 +40,7 @@ def test_checksum_in_every_mode(kvm, mode):
         else:
             buf = vm.alloc(len(data))
             vm.write(buf, data)
-            desc = vm.alloc(16)
-            vm.write_u64(desc, buf)
-            vm.write_u64(desc + 8, len(data))
-            for v in vm.vcpus:
-                r = v.get_regs()
-                r.rsi = desc
-                v.set_regs(r)
+            Mailbox(vm, 16, vcpus=vm.vcpus).post(buf, len(data))
         uc = vm.vcpu.run_until_ucall()
         assert uc.cmd == SYNC, uc
         assert uc.args[0] == checksum(data), f"guest {uc.args[0]:#x} != host {checksum(data):#x}"
@@ -130,11 +125,7 @@ def test_long64_mmio_read_above_4g(vm, vcpu, gpa):
     page = gpa & ~0xFFF
     gva = 0x40000000 + (gpa & 0xFFF)
     vm.map(0x40000000, page, 0x1000)
-    desc = vm.alloc(32)
-    vm.write(desc, (gva).to_bytes(8, "little") + (8).to_bytes(8, "little") + bytes(16))
-    r = vcpu.get_regs()
-    r.rsi = desc
-    vcpu.set_regs(r)
+    mb = Mailbox(vm, 32)
     value = 0x1122334455667788 ^ gpa
     seen = []
 
@@ -145,8 +136,7 @@ def test_long64_mmio_read_above_4g(vm, vcpu, gpa):
             return True
         return False
 
-    uc = vcpu.run_until_ucall(on_exit=on_mmio)
+    uc = mb.call(gva, 8, on_exit=on_mmio, what=f"mmio read of gva {gva:#x}")  # (gva, width): one read
     assert seen == [(gpa, 8, False)], [(hex(a), n, w) for a, n, w in seen]
-    assert uc.cmd == SYNC and uc.args[0] == value
-    vm.write(desc, bytes(32))  # width 0 ends the payload
-    assert vcpu.run_until_ucall().cmd == DONE
+    assert uc.args[0] == value
+    mb.finish()  # width 0 ends the payload

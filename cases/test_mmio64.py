@@ -37,8 +37,8 @@ from harness.oracles.mmio import (
     Access,
     MmioDevice,
     MmioMismatch,
-    check_exits,
     matrix_gpas,
+    mmio_exits,
     pattern,
     pattern_value,
     read,
@@ -129,9 +129,7 @@ class Rig:
         self.buf = vm.alloc(PAGE, 64)
         self.expect_buf = vm.alloc(PAGE, 64)
         self.dev = MmioDevice()
-        r = vcpu.get_regs()
-        r.rsi = self.desc
-        vcpu.set_regs(r)
+        vcpu.set_args(self.desc)
 
     def map(self, *gpas: int) -> int:
         """Map consecutive GVA pages from GVA_WINDOW onto these GPAs; returns GVA_WINDOW."""
@@ -152,14 +150,13 @@ class Rig:
         try:
             uc = self.vcpu.run_until_ucall(STEP_TIMEOUT, on_exit=self.dev, **kw)
         except GuestFailure as e:
-            try:
-                check_exits(self.dev.take(), want, maxphyaddr=self.m, what=what)
-            except MmioMismatch as m:
+            v = mmio_exits(self.dev.take(), want, maxphyaddr=self.m)
+            if not v.ok:
                 guest = "\n".join("    " + line for line in str(e).splitlines())
-                raise MmioMismatch(f"{m}\n  and then the guest failed:\n{guest}", m.problems) from e
+                raise MmioMismatch(v, what, then=f"  and then the guest failed:\n{guest}") from e
             raise
         assert uc.cmd == SYNC, f"{what}: expected SYNC, got {uc}"
-        check_exits(self.dev.take(), want, maxphyaddr=self.m, what=what)
+        mmio_exits(self.dev.take(), want, maxphyaddr=self.m).check(what)
         return uc
 
     def done(self) -> None:
@@ -500,8 +497,8 @@ def test_coalesced_mmio(rig: Rig, mode: Mode, gpa: int, width: int) -> None:
     rig.step(MM_STORE, gva - gpa + second, width, v2, want=[],
              what=f"{width}-byte store into the coalesced zone")
     ring = rig.vcpu.coalesced_mmio()
-    check_exits(ring, [write(gpa, v1, width), write(second, v2, width)], maxphyaddr=rig.m,
-                what="coalesced MMIO ring entries")
+    mmio_exits(ring, [write(gpa, v1, width), write(second, v2, width)], maxphyaddr=rig.m).check(
+        "coalesced MMIO ring entries")
     assert not any(e.pio for e in ring), f"ring entries marked PIO: {ring}"
     want = pattern_value(gpa, width)
     rig.step(MM_LOAD, gva, width, expect=want, want=[read(gpa, width)],

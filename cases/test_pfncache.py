@@ -35,16 +35,14 @@ from harness.kvm.errors import KvmError
 from harness.lib.guestvm import GuestVm
 from harness.lib.ucall import DONE, SYNC
 from harness.memory import PAGE_1G, PAGE_4K, Feature, hostmem
-from harness.pytest.race import race_seconds, race_seed
+from harness.oracles.kvmclock import guest_time, pvclock_update, untouched_page
+from harness.pytest import options
 from harness.x86.kvmclock import (
     KVM_CLOCK_TSC_STABLE,
     MSR_KVM_SYSTEM_TIME_NEW,
     PVCLOCK_GUEST_STOPPED,
     PVCLOCK_SIZE,
     Pvclock,
-    guest_time_problems,
-    untouched_problems,
-    update_problems,
 )
 
 SLOT = 1
@@ -75,9 +73,7 @@ class Clock:
     def __init__(self, vm: GuestVm) -> None:
         self.vm = vm
         self.desc = vm.alloc(64, 64)
-        r = vm.vcpu.get_regs()
-        r.rsi = self.desc
-        vm.vcpu.set_regs(r)
+        vm.vcpu.set_args(self.desc)
 
     def cmd(self, cmd: int, *, count: int = 0, timeout: float | None = None) -> tuple[int, ...]:
         vals = (cmd, MSR_KVM_SYSTEM_TIME_NEW, GPA + PV_OFF, GVA + PV_OFF, count, 0, 0)
@@ -321,8 +317,8 @@ def _check_round(s: Setup, c: Clock, method: str, trigger: str, rnd: int, kvmclo
             probs.append("no clock update after migration, yet the page mapped now changed")
     else:
         slack = 50_000_000 if trigger == "set_clock" else 10**18  # ctrl / migrate do not move time
-        probs += update_problems(seed_v, host, clock_lo=lo if trigger == "set_clock" else None,
-                                 clock_hi=hi, slack_ns=slack, want_flags=want_flags)
+        probs += pvclock_update(seed_v, host, clock_lo=lo if trigger == "set_clock" else None,
+                                clock_hi=hi, slack_ns=slack, want_flags=want_flags).problems
         outside = now_page[:PV_OFF] + now_page[PV_OFF + PVCLOCK_SIZE:]
         want_outside = bytes(page[:PV_OFF] + page[PV_OFF + PVCLOCK_SIZE:])
         if outside != want_outside:
@@ -343,9 +339,9 @@ def _check_round(s: Setup, c: Clock, method: str, trigger: str, rnd: int, kvmclo
     if updated and not late and args[5] == 0:
         probs.append("the guest never read a consistent (even, stable) version")
     if updated and not late:
-        probs += guest_time_problems(guest, args[4], lo, hi)
+        probs += guest_time(guest, args[4], lo, hi).problems
     if t.read_old is not None:
-        probs += untouched_problems(old_before, t.read_old(), base=GPA, what=f"old page ({t.old_where})")
+        probs += untouched_page(old_before, t.read_old(), base=GPA, what=f"old page ({t.old_where})").problems
     assert not probs, f"{where}:\n  " + "\n  ".join(probs) + f"\n  host view: {host.describe()}"
     return {"updated": updated, "version": host.version}
 
@@ -413,8 +409,8 @@ class Swapper:
 
     def _check(self, k: int) -> None:
         if k in self.snap:
-            self.problems += untouched_problems(self.snap[k], self._read(k), base=GPA,
-                                                what=f"old unit {k} (swap {self.swaps})")
+            self.problems += untouched_page(self.snap[k], self._read(k), base=GPA,
+                                            what=f"old unit {k} (swap {self.swaps})").problems
 
     def swap(self) -> None:
         b = self.s.backing
@@ -453,8 +449,8 @@ def test_kvmclock_race(kvm, clock_setup, kernel_health, request, record_property
     """A host thread invalidates the pvclock unit over and over (punch, or swap in fresh memory
     keeping the old) while the vCPU rewrites MSR_KVM_SYSTEM_TIME_NEW in a loop, each write one
     clock update through the pfncache. Then one clean update must land in the page mapped now."""
-    seed = race_seed(request.config)
-    seconds = race_seconds(request.config, 0.8)
+    seed = options.seed(request.config)
+    seconds = options.race_seconds(request.config, 0.8)
     s = clock_setup(kind)
     if memory.kind(kind).supports(Feature.HUGETLB):
         # swap: the pool needs POOL units. punch: a punched hugetlb page gives its reservation
@@ -529,7 +525,7 @@ def test_kvmclock_race(kvm, clock_setup, kernel_health, request, record_property
     s.vm.set_clock(lo)
     args = c.cmd(2)
     host_view = Pvclock.parse(s.backing.read(PV_OFF, PVCLOCK_SIZE))
-    probs = update_problems(seed_v, host_view, clock_lo=lo, clock_hi=s.vm.get_clock())
+    probs = list(pvclock_update(seed_v, host_view, clock_lo=lo, clock_hi=s.vm.get_clock()).problems)
     gv = Pvclock.from_sync(args).version
     if not seed_v < gv <= host_view.version:
         probs.append(f"the guest read version {gv}, the page mapped now holds {host_view.version} (seeded {seed_v})")

@@ -24,13 +24,14 @@ import time
 import pytest
 
 from harness import backends
-from harness.kvm.dirty import disk_problems
 from harness.kvm.errors import KvmError
 from harness.kvm.exits import MemoryFault, Mmio
 from harness.memory import hostmem
 from harness.memory.loopfs import DiskReadUnavailable, block_device, read_odirect, read_on_disk
 from harness.memory.memtouch import MemTouch, host_fill
-from harness.pytest.race import race_seconds
+from harness.oracles.dirty import disk_contents
+from harness.oracles.verdict import Verdict
+from harness.pytest import options
 
 SLOT = 1
 GPA = 1 << 40
@@ -46,9 +47,10 @@ def _setup(memtouch: MemTouch, backings, kind: str, size: int = SIZE):
     return b, gva
 
 
-def disk_check(b, pattern: int, what: str, length: int = SIZE) -> list[str]:
+def disk_check(b, pattern: int, length: int = SIZE) -> Verdict:
     """Read the file back from its block device (or, where that cannot be opened, with O_DIRECT)
     and compare it with what memtouch wrote: word(pattern, o) every STRIDE bytes, zeros between."""
+    what = "disk contents"
     try:
         data, missing = read_on_disk(b.fd, b.path, 0, length)
     except DiskReadUnavailable as e:
@@ -58,7 +60,7 @@ def disk_check(b, pattern: int, what: str, length: int = SIZE) -> list[str]:
         what += f" (O_DIRECT read of the file; {e})"
     want = bytearray(length)
     host_fill(want, pattern, STRIDE)
-    return disk_problems(data, bytes(want), not_on_disk=missing, gpa=GPA, what=what)
+    return disk_contents(data, bytes(want), not_on_disk=missing, gpa=GPA, what=what)
 
 
 @pytest.mark.parametrize("sync", ["msync", "fsync"])
@@ -77,8 +79,7 @@ def test_writeback_after_sync(memtouch, backings, kernel_health, kind, sync):
             hostmem.msync(b.addr, SIZE)
         else:
             os.fsync(b.fd)
-        probs = disk_check(b, pattern, f"round {rnd} after {sync}")
-        assert not probs, "\n".join(probs) + f"\n({b.describe()}, pattern {pattern:#x})"
+        disk_check(b, pattern).check(f"round {rnd} after {sync}, {b.describe()}, pattern {pattern:#x}")
     memtouch.done()
     kernel_health.assert_healthy(f"{kind}/{sync}")
 
@@ -88,9 +89,8 @@ def test_writeback_race(memtouch, backings, kernel_health, request, record_prope
     """While the guest writes round after round, a host thread keeps calling fsync, msync(MS_ASYNC)
     and madvise(MADV_PAGEOUT) on random ranges. After each round and an fsync the disk holds
     that round's words everywhere: nothing the guest wrote is lost to a racing write-back/reclaim."""
-    seed_opt = request.config.getoption("--race-seed", default=None)
-    seed = random.randrange(1 << 32) if seed_opt is None else int(seed_opt)
-    seconds = race_seconds(request.config)
+    seed = options.seed(request.config)
+    seconds = options.race_seconds(request.config)
     b, gva = _setup(memtouch, backings, kind)
     rng = random.Random(seed)
     stop = threading.Event()
@@ -123,8 +123,8 @@ def test_writeback_race(memtouch, backings, kernel_health, request, record_prope
             pattern = rng.getrandbits(64)
             memtouch.write(gva, SIZE, pattern, STRIDE)
             os.fsync(b.fd)
-            probs = disk_check(b, pattern, f"round {rounds} (racing fsync/pageout)")
-            assert not probs, "\n".join(probs) + f"\n({b.describe()}, ops so far {ops}, rerun with --race-seed={seed})"
+            disk_check(b, pattern).check(f"round {rounds} (racing fsync/pageout), {b.describe()}, "
+                                         f"ops so far {ops}, rerun with --race-seed={seed}")
             rounds += 1
     finally:
         stop.set()

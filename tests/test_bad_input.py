@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from harness import memory
-from harness.kvm.errors import HarnessError, KvmError
+from harness.kvm.errors import BadInput, HarnessError, KvmError
 from harness.kvm.vm import Vm
-from harness.lib.failures import BadInput
 from harness.lib.guestvm import MAX_VCPUS, GuestVm
+from harness.lib.run import run_until_ucall
 from harness.memory.backings import AnonBacking
 from harness.memory.hostmem import Mapping
 
@@ -173,7 +173,7 @@ def test_other_vm_and_vcpu_arguments(kvm, vm):
         (lambda: v.translate(-1), "gva=-1"),
         (lambda: v.enable_cap(1, flags=-1), "flags=-1"),
         (lambda: v.deadline(0, "x"), "seconds=0"),
-        (lambda: v.run_until_ucall(timeout=-1), "timeout=-1"),
+        (lambda: run_until_ucall(v, timeout=-1), "timeout=-1"),
     ]:
         with pytest.raises(BadInput) as ei:
             call()
@@ -269,7 +269,7 @@ def _pytest(tmp: Path, *args: str, cwd: Path | None = None) -> subprocess.Comple
 ])
 def test_options_are_checked_as_usage_errors(tmp_path, opt, text):
     (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
-    p = _pytest(tmp_path, "-p", "harness.pytest.plugin", "-p", "harness.pytest.race", opt, "test_x.py")
+    p = _pytest(tmp_path, "-p", "harness.pytest.core", opt, "test_x.py")
     assert p.returncode == pytest.ExitCode.USAGE_ERROR, p.stdout + p.stderr
     assert text in p.stderr, p.stderr
 

@@ -48,6 +48,7 @@ CHILD_TEST = textwrap.dedent('''
     from harness.memory import PAGE_2M
     from harness.memory.ledger import Owner
     from harness.memory.mounts import MountError
+    from harness.unsupported import Unsupported
 
 
     def _say(info):
@@ -66,7 +67,7 @@ CHILD_TEST = textwrap.dedent('''
             raise
         try:
             hugepages.reserve(PAGE_2M, 1)
-        except pytest.skip.Exception as e:
+        except Unsupported as e:  # HugepagesUnavailable: the run skips with it
             _say({"skip": str(e)})
             raise
         _say({"pid": os.getpid(), "owner": Owner.current().key, "base": str(host_mounts.base),

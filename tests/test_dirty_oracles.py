@@ -1,5 +1,5 @@
-"""The dirty-tracking and write-back oracles (harness.kvm.dirty) fail on stale or missing data, and the
-dirty-ring reader follows KVM's protocol — all without KVM."""
+"""The dirty-tracking and write-back oracles (harness.oracles.dirty) fail on stale or missing data, and
+the dirty-ring reader (harness.kvm.dirty) follows KVM's protocol — all without KVM."""
 
 from __future__ import annotations
 
@@ -11,22 +11,19 @@ import struct
 import pytest
 
 from harness.kvm.caps import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET
-from harness.kvm.dirty import (
-    PAGE,
-    DirtyRing,
-    bitmap_pages,
-    check_exact,
-    dirty_value,
-    disk_problems,
+from harness.kvm.dirty import PAGE, DirtyRing, bitmap_pages, dirty_value, pages_bitmap, word_offset
+from harness.kvm.errors import HarnessError
+from harness.oracles.dirty import (
+    dirty_pages,
+    disk_contents,
     first_writes,
-    migration_problems,
-    pages_bitmap,
+    full_exit_repushes,
+    migration_copy,
     ranges,
     repeats,
-    ring_order_problems,
-    word_offset,
+    ring_order,
 )
-from harness.kvm.errors import HarnessError
+from harness.oracles.verdict import OracleFailure
 
 
 # ---- bitmaps ------------------------------------------------------------------------------------
@@ -56,54 +53,64 @@ def test_ranges():
 
 # ---- exact-set oracle ------------------------------------------------------------------------------
 def test_exact_set_passes_exact():
-    assert check_exact([1, 2, 3], {3, 2, 1}).ok
+    v = dirty_pages([1, 2, 3], {3, 2, 1})
+    assert v.ok and v.check() is v and v.facts["written"] == v.facts["reported"] == 3
 
 
 def test_exact_set_names_missing_pages_and_gpa():
-    v = check_exact([1, 2, 3, 70], [1, 3], gpa=1 << 40)
-    assert not v.ok and v.missing == {2, 70}
-    (msg,) = v.problems()
+    v = dirty_pages([1, 2, 3, 70], [1, 3], gpa=1 << 40)
+    assert not v.ok and v.facts["missing"] == (2, 70) and v.facts["extra"] == ()
+    (msg,) = v.problems
     assert "NOT reported" in msg and "2, 70" in msg and "0x10000002000" in msg and "lost data" in msg
+    with pytest.raises(OracleFailure) as ei:
+        v.check("get round 2, seed 7")
+    assert str(ei.value).startswith("dirty log: 1 problem") and "0x10000002000" in str(ei.value)
+    assert "(get round 2, seed 7)" in str(ei.value)
 
 
 def test_exact_set_flags_extra_unless_allowed():
-    v = check_exact([1], [1, 5, 6])
-    assert not v.ok and v.extra == {5, 6} and "did not write" in v.problems()[0]
-    assert check_exact([1], [1, 5, 6], allowed_extra=[5, 6]).ok
+    v = dirty_pages([1], [1, 5, 6])
+    assert not v.ok and v.facts["extra"] == (5, 6) and "did not write" in v.problems[0]
+    assert dirty_pages([1], [1, 5, 6], allowed_extra=[5, 6]).ok
     # an allowance never excuses a missing page
-    assert not check_exact([1, 2], [1, 5], allowed_extra=[5]).ok
+    assert not dirty_pages([1, 2], [1, 5], allowed_extra=[5]).ok
 
 
 def test_stale_log_from_an_earlier_round_fails():
     """A log that still shows round 1's pages (never cleared) when round 2 wrote others."""
     r1, r2 = [1, 2, 3], [7, 8]
-    v = check_exact(r2, set(r1))
-    assert v.missing == {7, 8} and v.extra == {1, 2, 3}
+    v = dirty_pages(r2, set(r1))
+    assert v.facts["missing"] == (7, 8) and v.facts["extra"] == (1, 2, 3) and len(v.problems) == 2
 
 
 # ---- ring order ----------------------------------------------------------------------------------------
 def test_ring_order_exact():
-    assert ring_order_problems([5, 1, 9, 5], [5, 1, 9]) == []
+    v = ring_order([5, 1, 9, 5], [5, 1, 9])
+    assert v.ok and v.facts == {"entries": 3, "repeats": 0, "repushes": 0}
     assert first_writes([3, 1, 3, 2, 1]) == [3, 1, 2]
 
 
 def test_ring_order_missing_and_extra():
-    p = ring_order_problems([5, 1, 9], [5, 9, 4], gpa=0x1000)
+    p = ring_order([5, 1, 9], [5, 9, 4], gpa=0x1000).problems
     assert any("never pushed" in x and "1" in x for x in p)
     assert any("did not write" in x and "4" in x for x in p)
 
 
 def test_ring_order_reordered():
-    (msg,) = ring_order_problems([5, 1, 9], [1, 5, 9])
+    v = ring_order([5, 1, 9], [1, 5, 9])
+    (msg,) = v.problems
     assert "out of order" in msg and "[1, 5, 9]" in msg
+    with pytest.raises(OracleFailure, match="dirty ring order: 1 problem"):
+        v.check("round 1")
 
 
 def test_ring_repeats_bounded_by_writes():
     # a page rewritten while dirty may come again, as often as it was written, never more
-    assert ring_order_problems([5, 1, 5], [5, 1, 5]) == []
-    (msg,) = ring_order_problems([5, 1], [5, 1, 5])
+    v = ring_order([5, 1, 5], [5, 1, 5])
+    assert v.ok and v.facts["repeats"] == 1
+    (msg,) = ring_order([5, 1], [5, 1, 5]).problems
     assert "more often than allowed" in msg and "page 5: 2 entries for 1 guest writes" in msg
-    (msg,) = ring_order_problems([5, 1, 5], [5, 1, 5], allow_repeats=False)
+    (msg,) = ring_order([5, 1, 5], [5, 1, 5], allow_repeats=False).problems
     assert "repeats not allowed" in msg
     assert repeats([5, 1, 5, 5]) == 2
 
@@ -111,7 +118,8 @@ def test_ring_repeats_bounded_by_writes():
 # ---- live-migration oracle -------------------------------------------------------------------------------
 def test_migration_oracle_passes_equal_copies():
     src = bytes(random.Random(2).randbytes(8 * PAGE))
-    assert migration_problems(src, bytearray(src)) == []
+    v = migration_copy(src, bytearray(src))
+    assert v.ok and v.facts == {"pages": 8, "differing": 0}
 
 
 def test_migration_oracle_names_the_page_with_a_lost_write():
@@ -119,10 +127,22 @@ def test_migration_oracle_names_the_page_with_a_lost_write():
     dst = bytearray(src)
     o = 5 * PAGE + word_offset(5)
     src[o:o + 8] = dirty_value(3, 5).to_bytes(8, "little")  # written, never copied
-    p = migration_problems(bytes(src), bytes(dst), gpa=1 << 40)
-    assert "1 pages differ" in p[0] and "pages 5" in p[0]
-    assert f"GPA {(1 << 40) + 5 * PAGE:#x}" in p[1] and f"+{word_offset(5):#x}" in p[1]
-    assert f"{dirty_value(3, 5):#x}" in p[1]
+    v = migration_copy(bytes(src), bytes(dst), gpa=1 << 40)
+    (msg,) = v.problems
+    head, detail = msg.split("\n")
+    assert "1 pages differ" in head and "pages 5" in head and v.facts["differing"] == 1
+    assert f"GPA {(1 << 40) + 5 * PAGE:#x}" in detail and f"+{word_offset(5):#x}" in detail
+    assert f"{dirty_value(3, 5):#x}" in detail
+    with pytest.raises(OracleFailure) as ei:
+        v.check("seed 9")
+    assert f"{dirty_value(3, 5):#x}" in str(ei.value) and "(seed 9)" in str(ei.value)
+
+
+def test_migration_oracle_shows_at_most_limit_pages():
+    src, dst = bytes(8 * PAGE), bytes([1]) * (8 * PAGE)
+    (msg,) = migration_copy(src, dst, limit=2).problems
+    assert "8 pages differ" in msg and len(msg.split("\n")) == 3
+    assert "bytes" in migration_copy(src, dst[:PAGE]).problems[0]
 
 
 def test_migration_oracle_stale_copy_of_older_round():
@@ -132,27 +152,33 @@ def test_migration_oracle_stale_copy_of_older_round():
         for pg in range(4):
             o = pg * PAGE + word_offset(pg)
             d[o:o + 8] = dirty_value(rnd, pg).to_bytes(8, "little")
-    assert "4 pages differ" in migration_problems(bytes(src), bytes(dst))[0]
+    assert "4 pages differ" in migration_copy(bytes(src), bytes(dst)).problems[0]
 
 
 # ---- write-back oracle ---------------------------------------------------------------------------------------
 def test_disk_oracle_passes_what_was_written():
     data = random.Random(3).randbytes(4 * PAGE)
-    assert disk_problems(data, data) == []
+    v = disk_contents(data, data)
+    assert v.ok and v.facts == {"pages": 4, "stale": 0, "not_on_disk": 0}
 
 
 def test_disk_oracle_names_stale_pages():
     want = bytearray(4 * PAGE)
     want[2 * PAGE + 16:2 * PAGE + 24] = (0xABCD).to_bytes(8, "little")
-    (msg,) = disk_problems(bytes(4 * PAGE), bytes(want), gpa=0x1000_0000, what="round 2")
-    assert "round 2" in msg and "1 of 4 pages" in msg and "pages 2" in msg
+    v = disk_contents(bytes(4 * PAGE), bytes(want), gpa=0x1000_0000, what="disk (O_DIRECT read)")
+    (msg,) = v.problems
+    assert "1 of 4 pages" in msg and "pages 2" in msg and v.facts["stale"] == 1
     assert "file offset 0x2010" in msg and "GPA 0x10002010" in msg and "0xabcd" in msg
+    with pytest.raises(OracleFailure) as ei:
+        v.check("round 2")
+    assert str(ei.value).startswith("disk (O_DIRECT read): 1 problem") and "(round 2)" in str(ei.value)
 
 
 def test_disk_oracle_names_ranges_never_written():
     data = bytes(2 * PAGE)
-    (msg,) = disk_problems(data, data, not_on_disk=[(PAGE, 2 * PAGE)], gpa=1 << 40)
+    (msg,) = disk_contents(data, data, not_on_disk=[(PAGE, 2 * PAGE)], gpa=1 << 40).problems
     assert "no written extent" in msg and "0x1000-0x2000" in msg
+    assert "expected" in disk_contents(data, data[:PAGE]).problems[0]
 
 
 # ---- the dirty ring reader -----------------------------------------------------------------------------------------
@@ -264,18 +290,18 @@ def test_disk_read_sees_unsynced_and_stale_data():
             except DiskReadUnavailable as e:
                 pytest.skip(str(e))
             assert missing == [(0, size)], "unsynced data already has a written extent"
-            assert any("no written extent" in p for p in disk_problems(disk, first, not_on_disk=missing))
+            assert any("no written extent" in p for p in disk_contents(disk, first, not_on_disk=missing).problems)
             hostmem.msync(b.addr, size)
             disk, missing = read_on_disk(b.fd, b.path, 0, size)
-            assert missing == [] and disk_problems(disk, first) == []
+            assert missing == [] and disk_contents(disk, first).ok
             second = bytearray(first)
             second[3 * PAGE:4 * PAGE] = bytes([2]) * PAGE
             b.write(0, bytes(second))  # dirty in the page cache only
             disk, _ = read_on_disk(b.fd, b.path, 0, size)
-            (msg,) = disk_problems(disk, bytes(second))
+            (msg,) = disk_contents(disk, bytes(second)).problems
             assert "pages 3" in msg and "1 of 16 pages" in msg
             hostmem.msync(b.addr, size)
-            assert disk_problems(read_on_disk(b.fd, b.path, 0, size)[0], bytes(second)) == []
+            assert disk_contents(read_on_disk(b.fd, b.path, 0, size)[0], bytes(second)).ok
         finally:
             b.close()
 
@@ -283,14 +309,14 @@ def test_disk_read_sees_unsynced_and_stale_data():
 def test_ring_full_exit_repush_only_right_after_the_reset():
     """The write a ring-full exit interrupted is pushed again as the first entry after the reset
     (KVM pushed it when the fault made the page writable; the write retires after the resume)."""
-    from harness.kvm.dirty import full_exit_repushes
-
     harvested = [5, 1, 9, 9, 4]  # full exit after 3 entries; 9 comes again right after the reset
     assert full_exit_repushes(harvested, [3]) == [3]
-    assert ring_order_problems([5, 1, 9, 4], harvested, resets=[3]) == []
+    v = ring_order([5, 1, 9, 4], harvested, resets=[3])
+    assert v.ok and v.facts["repushes"] == 1 and v.facts["repeats"] == 1
     # the same repeat anywhere but at the reset, or of another page, is still a fault
-    (msg,) = ring_order_problems([5, 1, 9, 4], harvested, resets=[2])
-    assert "page 9: 2 entries for 1 guest writes" in msg
-    (msg,) = ring_order_problems([5, 1, 9, 4], [5, 1, 9, 1, 4], resets=[3])
+    v = ring_order([5, 1, 9, 4], harvested, resets=[2])
+    (msg,) = v.problems
+    assert "page 9: 2 entries for 1 guest writes" in msg and v.facts["repushes"] == 0
+    (msg,) = ring_order([5, 1, 9, 4], [5, 1, 9, 1, 4], resets=[3]).problems
     assert "page 1: 2 entries" in msg
     assert full_exit_repushes(harvested, [0, 5]) == []  # no entry before / after

@@ -1,11 +1,24 @@
-"""Exit decoding and ucall parsing on synthetic kvm_run pages and guest structs."""
+"""Exit decoding and ucall parsing on synthetic kvm_run pages and guest structs; the mailbox a guest
+driver talks through, on a real guest."""
 
+import os
 import struct
+
+import pytest
 
 from harness.kvm import exits
 from harness.kvm._cffi import ffi
-from harness.lib.failures import GuestAssertionError, GuestExceptionError, describe_pf_error
-from harness.lib.ucall import ASSERT, EXCEPTION, SYNC, UCALL_SIZE, parse_ucall
+from harness.kvm.errors import BadInput
+from harness.lib.failures import (
+    GuestAssertionError,
+    GuestExceptionError,
+    GuestFailure,
+    UnexpectedUcall,
+    describe_pf_error,
+)
+from harness.lib.guestvm import GuestVm, vm_with_vcpus
+from harness.lib.mailbox import Mailbox
+from harness.lib.ucall import ASSERT, DONE, EXCEPTION, SYNC, UCALL_SIZE, parse_ucall
 
 
 def _run():
@@ -95,3 +108,34 @@ def test_exception_message_decodes_page_fault():
     assert "#PF (vector 14)" in msg and "rip=0x200123" in msg and "cr2=0xdead000" in msg
     assert "P|W|RSVD" in msg
     assert describe_pf_error(0) == "not-present read"
+
+
+def test_unexpected_ucall_names_the_command_and_the_answer():
+    uc = parse_ucall(_ucall(DONE, []))
+    e = UnexpectedUcall(uc, "memtouch cmd 1", "SYNC")
+    assert isinstance(e, GuestFailure)
+    assert str(e).startswith("memtouch cmd 1: expected SYNC, the guest answered <Ucall DONE")
+
+
+# ---- the mailbox on a real guest (checksum: arg = {addr, len}, SYNC(sum), then DONE) ----------------
+def test_mailbox_passes_its_gpa_and_runs_to_sync_then_done(kvm):
+    with GuestVm(kvm, "checksum", nr_vcpus=2) as vm:
+        buf = vm.alloc(3)
+        vm.write(buf, b"\1\2\3")
+        mb = Mailbox(vm, 16, vcpus=vm.vcpus)
+        assert [v.get_regs().rsi for v in vm.vcpus] == [mb.gpa, mb.gpa]  # guests/ABI.md: rsi = arg
+        assert mb.call(buf, 3).args[0] == (1 * 31 + 2) * 31 + 3
+        with pytest.raises(UnexpectedUcall, match=r"checksum cmd 0: expected SYNC, the guest answered <Ucall DONE"):
+            mb.call(0)  # checksum syncs once, then its runtime reports DONE
+        with pytest.raises(BadInput, match=r"words=3 do not fit the 16-byte descriptor"):
+            mb.post(1, 2, 3)
+        with pytest.raises(BadInput, match=r"words\[0\]=-1"):
+            mb.post(-1)
+
+
+def test_vm_with_vcpus_closes_the_kvm_it_opened(kvm):  # (kvm: skips where there is no KVM)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    vm = vm_with_vcpus("checksum", mode="long64", nr_vcpus=2)
+    assert [v.id for v in vm.vcpus] == [0, 1] and vm.vcpu is vm.vcpus[0]
+    vm.close()
+    assert sorted(os.listdir("/proc/self/fd")) == fds

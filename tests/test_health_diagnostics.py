@@ -152,8 +152,8 @@ class _FakeVcpu:
 
     def __init__(self) -> None:
         self.id = 7
-        self._tid = 0
-        self._expired: str | None = None
+        self.run_thread = 0
+        self.expired: str | None = None
         self.closed = False
         self.kicked = 0
 
@@ -175,11 +175,11 @@ def test_a_blocking_collector_does_not_stop_the_kick(monkeypatch):
     wd.expire(v, "bound exceeded")  # type: ignore[arg-type]
     assert time.monotonic() - t0 < 5
     assert v.kicked == 1
-    assert v._expired is not None and v._expired.startswith("bound exceeded\nfirst section\n")
-    assert "did not finish within 0.5 s" in v._expired
+    assert v.expired is not None and v.expired.startswith("bound exceeded\nfirst section\n")
+    assert "did not finish within 0.5 s" in v.expired
     v2 = _FakeVcpu()
     wd.expire(v2, "again")  # type: ignore[arg-type]
-    assert "previous collection has not finished" in (v2._expired or "") and v2.kicked == 1
+    assert "previous collection has not finished" in (v2.expired or "") and v2.kicked == 1
     gate.set()
 
 
@@ -189,4 +189,4 @@ def test_a_closed_vcpu_is_not_kicked():
     v = _FakeVcpu()
     v.closed = True
     wd.expire(v, "late")  # type: ignore[arg-type]
-    assert v.kicked == 0 and v._expired == "late"
+    assert v.kicked == 0 and v.expired == "late"

@@ -17,13 +17,12 @@ from collections.abc import Iterator
 import pytest
 
 from harness.health.leaks import open_fds
-from harness.kvm.errors import KvmError
+from harness.kvm.errors import ClosedError, KvmError
 from harness.kvm.system import Kvm
 from harness.kvm.vcpu import Vcpu
 from harness.kvm.vm import Vm
 from harness.kvm.watchdog import WATCHDOG
-from harness.lib.failures import ClosedError
-from harness.lib.guestvm import GuestVm
+from harness.lib.guestvm import GuestVcpu, GuestVm
 
 CODE_GPA = 0x200000
 SPIN = bytes([0xEB, 0xFE])  # jmp . : a guest that only moves if someone runs it
@@ -111,7 +110,7 @@ def _call(obj: object, name: str) -> None:
         attr()  # arguments do not matter: the closed object refuses before looking at them
 
 
-@pytest.mark.parametrize("cls", [Kvm, Vm, Vcpu, GuestVm], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [Kvm, Vm, Vcpu, GuestVm, GuestVcpu], ids=lambda c: c.__name__)
 def test_every_public_method_raises_after_close(kvm, cls):
     """Enumerated from the open class, so a method added later is covered too."""
     if cls is Kvm:
@@ -120,6 +119,10 @@ def test_every_public_method_raises_after_close(kvm, cls):
         obj = kvm.create_vm()
     elif cls is GuestVm:
         obj = GuestVm(kvm, "checksum")
+    elif cls is GuestVcpu:
+        vm = GuestVm(kvm, "checksum")
+        obj = vm.vcpu
+        vm.close()
     else:
         vm = kvm.create_vm()
         obj = vm.create_vcpu()
@@ -136,7 +139,7 @@ def test_every_public_method_raises_after_close(kvm, cls):
         with pytest.raises(ClosedError, match=rf"is closed: {name}(\(\))? after close\(\)"):
             _call(obj, name)
         checked.append(name)
-    assert len(checked) >= {"Kvm": 10, "Vm": 36, "Vcpu": 24, "GuestVm": 42}[cls.__name__], checked
+    assert len(checked) >= {"Kvm": 10, "Vm": 36, "Vcpu": 22, "GuestVm": 42, "GuestVcpu": 25}[cls.__name__], checked
     assert obj.fd == -1  # type: ignore[attr-defined]
     with pytest.raises(ClosedError, match=r"__enter__"), obj:  # type: ignore[attr-defined]
         pass

@@ -19,10 +19,10 @@ from harness.oracles.mmio import (
     Access,
     MmioDevice,
     MmioMismatch,
-    check_exit,
-    check_exits,
     explain_address,
     matrix_gpas,
+    mmio_exit,
+    mmio_exits,
     pattern,
     read,
     split_access,
@@ -30,6 +30,7 @@ from harness.oracles.mmio import (
     truncations,
     write,
 )
+from harness.oracles.verdict import OracleFailure
 
 MAXPHYADDRS = (36, 39, 46, 48, 52)
 
@@ -65,9 +66,9 @@ def test_truncated_to_32_bits_is_rejected_and_named(m: int, is_write: bool) -> N
             continue  # below 4 GiB: truncation to 32 bits is no change
         data = b"\x11\x22\x33\x44\x55\x66\x77\x88" if is_write else b""
         want = Access(gpa, 8, is_write, data if is_write else None)
-        check_exit(_mmio(gpa, 8, is_write, data), want, maxphyaddr=m)  # the exact exit passes
+        mmio_exit(_mmio(gpa, 8, is_write, data), want, maxphyaddr=m).check()  # the exact exit passes
         with pytest.raises(MmioMismatch) as ei:
-            check_exit(_mmio(bad, 8, is_write, data), want, maxphyaddr=m, what="probe")
+            mmio_exit(_mmio(bad, 8, is_write, data), want, maxphyaddr=m).check("probe")
         msg = str(ei.value)
         assert "truncated to 32 bits" in msg, msg
         assert f"{bad:#x}" in msg and f"{gpa:#x}" in msg and "(probe)" in msg, msg
@@ -85,7 +86,7 @@ def test_truncated_to_maxphyaddr_minus_1_bits_is_rejected_and_named(m: int) -> N
             continue  # bit MAXPHYADDR-1 clear: that truncation is no change
         want = read(gpa, 4)
         with pytest.raises(MmioMismatch) as ei:
-            check_exit(_mmio(bad, 4, False), want, maxphyaddr=m)
+            mmio_exit(_mmio(bad, 4, False), want, maxphyaddr=m).check()
         msg = str(ei.value)
         assert f"truncated to MAXPHYADDR-1 = {m - 1} bits" in msg, msg
         assert f"bit {m - 1} lost" in msg, msg
@@ -112,11 +113,11 @@ def test_truncated_coalesced_entry_is_rejected() -> None:
     gpa = (1 << 48) - 0x1000 + 8
     data = (0xCAFE).to_bytes(8, "little")
     good = CoalescedMmio(gpa, 4, data)
-    check_exits([good], [write(gpa, 0xCAFE, 4)], maxphyaddr=48)
+    mmio_exits([good], [write(gpa, 0xCAFE, 4)], maxphyaddr=48).check()
     for bad in (_trunc32(gpa), _trunc_m1(gpa, 48)):
         with pytest.raises(MmioMismatch) as ei:
-            check_exits([CoalescedMmio(bad, 4, data)], [write(gpa, 0xCAFE, 4)], maxphyaddr=48,
-                        what="coalesced MMIO ring entries")
+            mmio_exits([CoalescedMmio(bad, 4, data)], [write(gpa, 0xCAFE, 4)], maxphyaddr=48).check(
+                "coalesced MMIO ring entries")
         assert "truncated to" in str(ei.value) and "coalesced MMIO ring entries" in str(ei.value)
 
 
@@ -136,17 +137,17 @@ GPA = 0xFFFF_FFFF_F000
 @pytest.mark.parametrize("got_len", [1, 2, 4])
 def test_wrong_len_is_rejected(got_len: int) -> None:
     with pytest.raises(MmioMismatch) as ei:
-        check_exit(_mmio(GPA, got_len, False), read(GPA, 8), maxphyaddr=48)
+        mmio_exit(_mmio(GPA, got_len, False), read(GPA, 8), maxphyaddr=48).check()
     assert f"len {got_len} != 8" in str(ei.value)
     assert "phys_addr" not in str(ei.value).split("got:")[1].split("\n", 1)[1]
 
 
 def test_write_reported_as_read_and_read_as_write_are_rejected() -> None:
     with pytest.raises(MmioMismatch) as ei:
-        check_exit(_mmio(GPA, 4, False), write(GPA, 0x1234, 4), maxphyaddr=48)
+        mmio_exit(_mmio(GPA, 4, False), write(GPA, 0x1234, 4), maxphyaddr=48).check()
     assert "KVM reported a read where the guest made a write" in str(ei.value)
     with pytest.raises(MmioMismatch) as ei:
-        check_exit(_mmio(GPA, 4, True, b"\1\2\3\4"), read(GPA, 4), maxphyaddr=48)
+        mmio_exit(_mmio(GPA, 4, True, b"\1\2\3\4"), read(GPA, 4), maxphyaddr=48).check()
     assert "KVM reported a write where the guest made a read" in str(ei.value)
 
 
@@ -158,14 +159,15 @@ def test_write_reported_as_read_and_read_as_write_are_rejected() -> None:
 def test_wrong_write_data_is_rejected(data: bytes, why: str) -> None:
     want = write(GPA, bytes.fromhex("1122334455667788"))
     with pytest.raises(MmioMismatch) as ei:
-        check_exit(_mmio(GPA, 8, True, data), want, maxphyaddr=48)
+        mmio_exit(_mmio(GPA, 8, True, data), want, maxphyaddr=48).check()
     msg = str(ei.value)
     assert why in msg and data.hex() in msg and "1122334455667788" in msg, msg
 
 
 def test_only_len_bytes_of_data_count() -> None:
     """Bytes of kvm_run.mmio.data beyond len are stale: they must not decide the verdict."""
-    check_exit(Mmio(GPA, b"\xaa\xbb\xff\xff\xff\xff\xff\xff", 2, True), write(GPA, 0xBBAA, 2), maxphyaddr=48)
+    assert mmio_exit(Mmio(GPA, b"\xaa\xbb\xff\xff\xff\xff\xff\xff", 2, True), write(GPA, 0xBBAA, 2),
+                     maxphyaddr=48).ok
 
 
 def test_other_address_errors_are_explained() -> None:
@@ -183,19 +185,39 @@ def _seq(gpa: int) -> list[Access]:
 
 def test_sequence_missing_extra_and_reordered_exits_are_rejected() -> None:
     good = [_mmio(GPA, 4, False), _mmio(GPA, 4, True, b"\5\0\0\0")]
-    check_exits(good, _seq(GPA), maxphyaddr=48)
+    v = mmio_exits(good, _seq(GPA), maxphyaddr=48)
+    assert v.check() is v and v.facts == {"exits": 2, "accesses": 2}
     with pytest.raises(MmioMismatch) as ei:
-        check_exits(good[:1], _seq(GPA), maxphyaddr=48, what="add")
-    assert "1 exits where the guest's accesses need 2" in str(ei.value)
+        mmio_exits(good[:1], _seq(GPA), maxphyaddr=48).check("add")
+    assert "1 exits where the guest's accesses need 2" in str(ei.value) and "(add)" in str(ei.value)
     with pytest.raises(MmioMismatch) as ei:
-        check_exits([*good, good[1]], _seq(GPA), maxphyaddr=48)
-    assert "3 exits" in str(ei.value)
+        mmio_exits([*good, good[1]], _seq(GPA), maxphyaddr=48).check()
+    assert "3 exits" in str(ei.value) and ei.value.verdict.facts == {"exits": 3, "accesses": 2}
     with pytest.raises(MmioMismatch) as ei:
-        check_exits(good[::-1], _seq(GPA), maxphyaddr=48)
+        mmio_exits(good[::-1], _seq(GPA), maxphyaddr=48).check()
     assert "exit #0: is_write True != False" in str(ei.value)
+    assert mmio_exits([], [], maxphyaddr=48).check().ok
     with pytest.raises(MmioMismatch) as ei:
-        check_exits([], [], maxphyaddr=48) or check_exits(good, [], maxphyaddr=48, what="RAM store")
+        mmio_exits(good, [], maxphyaddr=48).check("RAM store")
     assert "(no exit)" in str(ei.value) and "RAM store" in str(ei.value)
+
+
+def test_mismatch_is_an_oracle_failure_that_shows_both_sides() -> None:
+    """MmioMismatch is the OracleFailure of an MMIO verdict: the message lists the guest's accesses
+    and KVM's exits before the problems, and a guest failure that followed is kept after them."""
+    want = [read(GPA, 4)]
+    v = mmio_exits([_mmio(GPA + 8, 4, False)], want, maxphyaddr=48)
+    with pytest.raises(OracleFailure) as ei:
+        v.check("load")
+    assert isinstance(ei.value, MmioMismatch) and ei.value.problems == list(v.problems)
+    lines = str(ei.value).split("\n")
+    assert lines[0] == "MMIO exits: 1 problem"
+    assert lines[1:5] == ["  expected:", f"    #0 read of 4 bytes at {GPA:#x}", "  got:",
+                          f"    #0 read of 4 bytes at {GPA + 8:#x}"]
+    assert lines[5].startswith("  - exit #0: phys_addr") and lines[6] == "  (load)"
+    e = MmioMismatch(v, "load", then="  and then the guest failed:\n    GUEST_ASSERT at guest.c:12")
+    assert str(e).startswith(str(ei.value)) and str(e).endswith("GUEST_ASSERT at guest.c:12")
+    assert e.problems == list(v.problems)
 
 
 def test_sequence_names_the_truncated_fragment() -> None:
@@ -203,7 +225,7 @@ def test_sequence_names_the_truncated_fragment() -> None:
     frags = split_access([(0xFFFF_FFFC, 4), (1 << 32, 4)], True, bytes(range(1, 9)))
     got = [_mmio(0xFFFF_FFFC, 4, True, bytes([1, 2, 3, 4])), _mmio(0, 4, True, bytes([5, 6, 7, 8]))]
     with pytest.raises(MmioMismatch) as ei:
-        check_exits(got, frags, maxphyaddr=48)
+        mmio_exits(got, frags, maxphyaddr=48).check()
     assert "exit #1: phys_addr 0x0 != 0x100000000: the GPA truncated to 32 bits" in str(ei.value)
     assert len(ei.value.problems) == 1
 

@@ -1,5 +1,6 @@
 """The race engine's oracles fed deliberately broken inputs: each must fail, and say exactly what
-went wrong. Pure checks of harness.race.protocol first, then end-to-end ones on the real /dev/kvm
+went wrong. Pure checks of harness.race.protocol and harness.race.oracles first, then end-to-end
+ones on the real /dev/kvm
 where a host that breaks the protocol on purpose (publishes a generation without its data, writes
 a read-only page behind the guest's back, stalls) must be caught by the real guest and engine."""
 
@@ -14,9 +15,12 @@ import pytest
 from harness.health.case import CaseHealth
 from harness.health.kmsg import parse_kmsg_record
 from harness.health.oracle import KmsgOracle
+from harness.race import oracles as O
 from harness.race import protocol as P
 from harness.race.disruptors import DISRUPTORS, Disruptor, Mprotect
-from harness.race.engine import Race, RaceReport, RaceSpec
+from harness.race.engine import Race
+from harness.race.plan import RaceSpec
+from harness.race.report import RaceReport
 
 # ---- protocol (pure) -------------------------------------------------------------------------------
 
@@ -30,15 +34,16 @@ def test_tag_round_trip_and_layout():
 
 
 def test_judge_accepts_current_and_ignores_reads_in_flux():
-    assert P.judge(P.tag(5, 9), 10, 10, 9) is None
+    v = P.judge(P.tag(5, 9), 10, 10, 9)
+    assert v.ok and v.facts["judged"]
     # the page was in flux (odd, or changed under the read): not judged, whatever was read
-    assert P.judge(0, 11, 11, 9) is None
-    assert P.judge(P.tag(4, 9), 10, 12, 9) is None
+    for v in (P.judge(0, 11, 11, 9), P.judge(P.tag(4, 9), 10, 12, 9)):
+        assert v.ok and not v.facts["judged"]
 
 
 def test_judge_flags_a_stale_generation():
-    why = P.judge(P.tag(4, 9), 10, 10, 9)  # published generation 5, read generation 4
-    assert why is not None and why.startswith("stale: generation 4, 1 older")
+    v = P.judge(P.tag(4, 9), 10, 10, 9)  # published generation 5, read generation 4
+    assert not v.ok and v.problems[0].startswith("stale: generation 4, 1 older")
 
 
 @pytest.mark.parametrize(("seen", "want"), [
@@ -78,8 +83,7 @@ def test_report_fails_only_on_the_named_oracles():
     assert rep.failures() == []
     rep.violation_count = 1
     rep.violations = [P.Violation(0, 1, 0, 4, 0, 0x8000001000, 0x1000001000, 0x7F0000001000)]
-    rep.release_method = "madvise"
-    rep.release_problems = ["footprint 0x1000 -> 0x1000"]
+    rep.release = O.released(O.Release("madvise", "mincore", (0x1000, 0x1000)))
     assert any(f.startswith("stale data: 1 guest read") for f in rep.failures(("stale",)))
     assert rep.failures(("progress",)) == []
     assert any("memory not released" in f for f in rep.failures(("released",)))
@@ -92,6 +96,22 @@ def test_report_overlap_oracle():
     assert any("did not race" in f for f in rep.failures(("overlap",)))
     rep.host_ops = {"dontneed": 0}
     assert any("no operation" in f for f in rep.failures(("overlap",)))
+    rep.stalls = ["vcpu 0: stalled"]  # a stalled race says why it did not race: overlap is not judged
+    assert [v.ok for v in rep.verdicts(("overlap",))] == [True]
+
+
+def test_released_names_what_stayed():
+    v = O.released(O.Release("madvise(MADV_DONTNEED)", "mincore", (0x4000, 0), rss_anon=(0x9000, 0x8000)))
+    assert not v.ok and len(v.problems) == 1
+    assert v.problems[0].startswith("memory not released after madvise(MADV_DONTNEED): RssAnon 0x9000 -> 0x8000")
+    assert v.facts["released"] == {"footprint": 0x4000, "RssAnon": 0x1000}
+    kept = O.released(O.Release("punch", "st_blocks", (4 * 0x200000, 0), hugepages=(10, 7, 4)))
+    assert not kept.ok and "3 pages came back, 4 were punched" in kept.problems[0]
+    shared = O.released(O.Release("punch", "st_blocks", (4 * 0x200000, 0), hugepages=(10, 7, 4),
+                                  other_holders=({"123:x": 2}, {})))
+    assert shared.ok and "not asserted" in shared.facts["notes"][0]
+    rep = RaceReport(RaceSpec("hugetlb-2m", ("punch",)), release=shared)
+    assert "released after punch: footprint 0x800000, hugepages 0x3; hugepage delta" in rep.summary()
 
 
 class _Log:
@@ -123,12 +143,12 @@ def _health(texts: list[str]) -> CaseHealth:
 
 def test_kernel_oracle_reports_new_splats():
     rep = RaceReport(RaceSpec("anon", ("dontneed",)), host_ops={"dontneed": 1}, overlapped_ops=1)
-    Race._kernel_oracle(None, rep, _health(["kvm: fine", "WARNING: CPU: 1 PID: 42 at arch/x86/kvm/mmu/mmu.c:123 "
-                                            "kvm_mmu_page_fault+0x1/0x2"]))
+    rep.kernel = O.kernel(_health(["kvm: fine", "WARNING: CPU: 1 PID: 42 at arch/x86/kvm/mmu/mmu.c:123 "
+                                   "kvm_mmu_page_fault+0x1/0x2"]))
     fails = rep.failures(("kernel",))
     assert len(fails) == 1 and "WARNING" in fails[0] and "mmu.c:123" in fails[0]
     clean = RaceReport(RaceSpec("anon", ("dontneed",)))
-    Race._kernel_oracle(None, clean, _health(["kvm: fine"]))
+    clean.kernel = O.kernel(_health(["kvm: fine"]))
     assert clean.failures(("kernel",)) == []
 
 
@@ -136,7 +156,7 @@ def test_kernel_oracle_is_the_case_health_check():
     # What the race reported is not reported again by the check after the test body.
     h = _health(["WARNING: CPU: 1 PID: 42 at arch/x86/kvm/mmu/mmu.c:123 kvm_mmu_page_fault+0x1/0x2"])
     rep = RaceReport(RaceSpec("anon", ("dontneed",)), host_ops={"dontneed": 1}, overlapped_ops=1)
-    Race._kernel_oracle(None, rep, h)
+    rep.kernel = O.kernel(h)
     assert rep.failures(("kernel",)) and h.check("teardown") is None
 
 
@@ -150,14 +170,13 @@ class StalePublisher(Disruptor):
     name = "broken-stale"
 
     def step(self, off: int, length: int) -> None:
-        r = self.race
+        m = self.mem
         self.begin(off, length)
-        gen = r.gen + 1
-        p0, p1 = r.pages_of(off, length)
-        r.gentabQ[p0:p1] = array("Q", (2 * gen,)) * (p1 - p0)  # no tag rewrite: the data is old
-        r.gen = gen
-        self._held = False
-        r._lock.release()
+        gen = m.gen + 1
+        p0, p1 = m.pages_of(off, length)
+        m.gentab[p0:p1] = array("Q", (2 * gen,)) * (p1 - p0)  # no tag rewrite: the data is old
+        m.gen = gen
+        self.abort()  # the writers' lock, released without end()'s publishing
         self.ops += 1
 
 
@@ -171,11 +190,10 @@ class LandingWriter(Mprotect):
         was_rw = self.ro is None
         super().step(off, length)
         if was_rw and self.ro is not None:
-            r = self.race
             o, _ = self.ro
-            p0, _ = r.pages_of(o, length)
-            os.pwrite(r.backing.fd, (0xBAD0_0000_0000 + self.ops).to_bytes(8, "little"),
-                      p0 * r.stride + 8)
+            p0, _ = self.mem.pages_of(o, length)
+            os.pwrite(self.ctx.backing.fd, (0xBAD0_0000_0000 + self.ops).to_bytes(8, "little"),
+                      p0 * self.mem.stride + 8)
 
 
 def _run(kvm, backings, spec):
@@ -202,7 +220,7 @@ def test_stale_generation_is_caught_by_the_guest(kvm, backings, monkeypatch):
 
 
 def spec_gpa(v: P.Violation) -> int:
-    from harness.race.engine import GPA_A, GPA_B, geometry
+    from harness.race.region import GPA_A, GPA_B, geometry
 
     _, stride = geometry("anon", 4096)
     return (GPA_B if v.loc else GPA_A) + v.page * stride
@@ -234,11 +252,11 @@ def test_a_stall_reports_counters_kernel_stack_and_rip(kvm, backings):
 def test_a_lost_kvmclock_update_is_caught(kvm, backings, monkeypatch):
     """Point the vCPUs' kvmclock MSR one page away from where the host looks: every update then
     "never reaches" the page the host checks, which is what a stale gfn_to_pfn_cache looks like."""
-    from harness.race import engine
+    from harness.race import clock, region
 
-    monkeypatch.setattr(engine.Race, "pvclock_gpa",
-                        lambda self, v: engine.GPA_A + 0x1000 + P.PVCLOCK_OFFSET + P.PVCLOCK_SIZE * v)
-    monkeypatch.setattr(engine, "CLOCK_WAIT", 0.05)
+    monkeypatch.setattr(region.Region, "pvclock_gpa",
+                        lambda self, v: region.GPA_A + 0x1000 + P.PVCLOCK_OFFSET + P.PVCLOCK_SIZE * v)
+    monkeypatch.setattr(clock, "CLOCK_WAIT", 0.05)
     spec = RaceSpec("anon", ("dontneed",), vcpus=1, seconds=0.3, seed=5, label="clock", kvmclock=True)
     rep, _ = _run(kvm, backings, spec)
     fails = rep.failures(("kvmclock",))
@@ -257,4 +275,4 @@ def test_a_clean_race_passes_every_oracle(kvm, backings):
     spec = RaceSpec("anon", ("dontneed",), vcpus=2, seconds=0.3, seed=4, label="clean", kvmclock=True)
     rep, _ = _run(kvm, backings, spec)
     assert rep.failures() == [], rep.summary()
-    assert rep.judged > 0 and rep.overlapped_ops > 0 and rep.release_method and rep.clock_seen > 0
+    assert rep.judged > 0 and rep.overlapped_ops > 0 and rep.release is not None and rep.clock_seen > 0

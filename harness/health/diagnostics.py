@@ -49,7 +49,7 @@ def _read(path: str) -> str | None:
 
 
 def native_tid(ident: int) -> int | None:
-    """The kernel tid of the Python thread with this threading ident (what Vcpu._tid holds)."""
+    """The kernel tid of the Python thread with this threading ident (what Vcpu.run_thread holds)."""
     for t in threading.enumerate():
         if t.ident == ident:
             return t.native_id
@@ -194,7 +194,7 @@ def stats_report(vm: Vm | None, vcpu: Vcpu, sample: float = STATS_SAMPLE_S) -> s
 
 def collect_hang(vcpu: Vcpu, reason: str) -> str:
     """The watchdog collector: every section the report can get, each one failing on its own."""
-    ident = vcpu._tid or None
+    ident = vcpu.run_thread or None
     tid = native_tid(ident) if ident else None
     sections = [f"hang diagnostics (pid {os.getpid()}, vcpu {vcpu.id} thread {tid or 'not in KVM_RUN'}):"]
 

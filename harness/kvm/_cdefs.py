@@ -4,8 +4,8 @@ Layouts are the kernel's uapi (include/uapi/linux/kvm.h, arch/x86/include/uapi/a
 out as facts: the host's linux-libc-dev is older than the kernel we drive, so we cannot include its
 <linux/kvm.h>. tests/test_binding.py pins every size and the offsets that matter.
 
-The same text is fed to cffi's cdef() and compiled into the extension (see _build_kvm.py), so the
-compiler computes the layout the Python side uses.
+The same text is fed to cffi's cdef() and compiled into the extension (see _build.py), so the
+compiler computes the layout the Python side uses. (Over 400 lines: the uapi structs, in one place.)
 """
 
 UAPI = r"""

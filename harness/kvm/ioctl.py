@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from harness.kvm._cffi import ffi, lib
 from harness.kvm.errors import KvmError
 from harness.kvm.ioctls import IOCTLS
 
 ArgDesc = str | Callable[[], str]
+
+
+class HasFd(Protocol):
+    """Anything that owns a KVM fd (a Vcpu, for the dirty ring it maps)."""
+
+    fd: int
 
 
 def kvm_ioctl(fd: int, name: str, arg: Any = 0, desc: ArgDesc = "") -> int:

@@ -8,11 +8,11 @@ import os
 
 from harness.kvm._cffi import ffi
 from harness.kvm.caps import Cap
+from harness.kvm.checks import check_uint, closed_class
 from harness.kvm.cpuid import Cpuid
 from harness.kvm.errors import KvmError
 from harness.kvm.ioctl import kvm_ioctl
 from harness.kvm.vm import Vm
-from harness.lib.failures import check_uint, closed_class
 
 KVM_API_VERSION = 12
 

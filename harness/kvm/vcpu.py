@@ -1,4 +1,7 @@
-"""A vCPU: its fd, the shared kvm_run page, registers, and the bounded run loop."""
+"""A vCPU: its fd, the shared kvm_run page, registers, and run() bounded by the watchdog.
+
+The ucall loop on top of run() (run_until_ucall, livelock detection) is harness.lib.run's.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +13,19 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from harness.kvm import exits
 from harness.kvm._cffi import ffi, lib
 from harness.kvm.caps import KVM_COALESCED_MMIO_PAGE_OFFSET
+from harness.kvm.checks import check_seconds, check_uint, closed_class
 from harness.kvm.cpuid import Cpuid
-from harness.kvm.errors import HarnessError, KvmError
-from harness.kvm.exits import CoalescedMmio, Exit, Io, Mmio
+from harness.kvm.errors import BadInput, ClosedError, HarnessError, KvmError, VcpuTimeout
+from harness.kvm.exits import CoalescedMmio, Exit
 from harness.kvm.ioctl import kvm_ioctl
 from harness.kvm.stats import Stats
-from harness.kvm.watchdog import WATCHDOG
-from harness.lib.failures import (
-    BadInput,
-    ClosedError,
-    Livelock,
-    UnexpectedExitError,
-    VcpuTimeout,
-    check_seconds,
-    check_uint,
-    closed_class,
-)
-
-if TYPE_CHECKING:
-    from harness.kvm.vm import Vm
-    from harness.lib.ucall import Ucall
+from harness.kvm.watchdog import WATCHDOG, kick_thread
 
 _get_ident = threading.get_ident
 _kh_run = lib.kh_run
@@ -47,14 +37,17 @@ KVM_RUN_IO_HEAD = struct.Struct("<8xI20xBBHIQ")
 _IO_HEAD = KVM_RUN_IO_HEAD.unpack_from
 _EINTR = -errno.EINTR
 
-DEFAULT_UCALL_TIMEOUT = 10.0
-# run_until_ucall reports a livelock after this many consecutive identical MMIO exits (same GPA,
-# length, direction and written data) at the same RIP without a ucall: 0.2-0.4 s of exits here
-# (22-40 us per MMIO exit round trip on kvm_pvm, measured under load), far
-# more than any case's device polling needs. Pass livelock_exits=None to allow endless polling.
-DEFAULT_LIVELOCK_EXITS = 10_000
 
-ExitHandler = Callable[["Vcpu", Exit], bool | None]
+class OwningVm(Protocol):
+    """What a vCPU uses of the VM that made it (harness.kvm.vm.Vm, which imports this module)."""
+
+    fd: int
+    closed: bool
+    kvm: Any  # the Kvm: vcpu_mmap_size
+
+    def read(self, gpa: int, size: int) -> bytes: ...
+
+    def _closed_what(self) -> str: ...
 
 
 class Vcpu:
@@ -63,7 +56,7 @@ class Vcpu:
     # (`vm`), so a dropped VM is freed by reference counting alone and closes its vCPUs.
     _USABLE_WHEN_CLOSED = ("in_run", "vm")  # state the watchdog and the race engine read
 
-    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+    def __init__(self, vm: OwningVm, vcpu_id: int) -> None:
         self.closed = True  # until fd and mapping exist: a half-made vCPU has nothing to close
         if vm.closed:
             raise ClosedError(vm._closed_what(), f"Vcpu(vm, {vcpu_id})")
@@ -83,19 +76,18 @@ class Vcpu:
         self.kvm_run: Any = ffi.cast("struct kvm_run *", self._run_buf)
         self._run = self.kvm_run
         self._buf = ffi.buffer(self._run_buf)
-        # watchdog state, read by harness.kvm.watchdog from its own thread
-        self._tid = 0
-        self._expired: str | None = None
-        self._deadline: float | None = None
-        self._deadline_reason = ""
+        # the watchdog's interface (harness.kvm.watchdog.Bounded), read from its own thread
+        self.run_thread = 0
+        self.expired: str | None = None
+        self.deadline_at: float | None = None
+        self.deadline_reason = ""
         self.exit_count = 0
-        self.console: list[str] = []  # GUEST_PRINTF output
         self._stats: Stats | None = None
         self.closed = False
         WATCHDOG.register(self)
 
     @property
-    def vm(self) -> Vm:
+    def vm(self) -> OwningVm:
         """The VM (held weakly: the VM holds its vCPUs, and a cycle would need the collector)."""
         vm = self._vm()
         if vm is None:
@@ -107,20 +99,20 @@ class Vcpu:
     @property
     def in_run(self) -> bool:
         """A thread is inside (or entering) this vCPU's KVM_RUN now; races measure overlap with it."""
-        return self._tid != 0
+        return self.run_thread != 0
 
     def run(self) -> Exit:
         """One KVM_RUN; returns the decoded exit (Intr after a signal). Bounded by the watchdog."""
-        if self._expired is not None:
-            raise VcpuTimeout(self, self._expired)
-        self._tid = _get_ident()
+        if self.expired is not None:
+            raise self._timeout()
+        self.run_thread = _get_ident()
         rc = _kh_run(self.fd)
-        self._tid = 0
+        self.run_thread = 0
         self.exit_count += 1
         if rc:
             if rc == _EINTR:
-                if self._expired is not None:
-                    raise VcpuTimeout(self, self._expired)
+                if self.expired is not None:
+                    raise self._timeout()
                 return exits._INTR
             raise KvmError(-rc, "KVM_RUN", f"vcpu={self.id}")
         # PIO (ucalls, the benchmark loop) is the hot exit: one struct unpack of the mapping costs
@@ -131,14 +123,17 @@ class Vcpu:
             return _Io(direction, size, port, count, self._mm[off : off + n])
         return _decode(self._run, self._buf)
 
+    def _timeout(self) -> VcpuTimeout:
+        return VcpuTimeout(self.id, self.expired or "", self.dump_state())
+
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN now (or refuse to enter it) with EINTR."""
         self._run.immediate_exit = 1
-        WATCHDOG._signal(self)
+        kick_thread(self.run_thread)
 
     def reset_watchdog(self) -> None:
         """Clear an expiry so the vCPU can run again (after a deliberate timeout)."""
-        self._expired = None
+        self.expired = None
         self._run.immediate_exit = 0
 
     def complete_io(self, data: bytes | int) -> None:
@@ -164,64 +159,6 @@ class Vcpu:
         """`with vcpu.deadline(5, "why"):` bounds every run() inside the block."""
         return _Deadline(self, check_seconds("Vcpu.deadline", "seconds", seconds), reason)
 
-    def run_until_ucall(
-        self, timeout: float | None = None, *, on_exit: ExitHandler | None = None,
-        stop_on_printf: bool = False, livelock_exits: int | None = DEFAULT_LIVELOCK_EXITS,
-    ) -> Ucall:
-        """Run until the guest makes a ucall and return it (SYNC, DONE, or PRINTF if asked).
-
-        A failed GUEST_ASSERT or an unhandled guest exception raises with the guest's own report.
-        Other exits go to on_exit (return True when handled); unhandled ones raise
-        UnexpectedExitError. Bounded by `timeout` (default DEFAULT_UCALL_TIMEOUT).
-        `livelock_exits` identical handled MMIO exits in a row at the same RIP, with no ucall in
-        between, raise Livelock (RIP, GPA, exit count); None disables the check.
-        """
-        from harness.lib import ucall as _ucall
-        t = DEFAULT_UCALL_TIMEOUT if timeout is None else check_seconds("Vcpu.run_until_ucall", "timeout", timeout)
-        # Livelock state, touched only on handled MMIO exits (Vcpu.run() stays as cheap as it was).
-        last_key: tuple[int, int, bool, bytes | None] | None = None
-        streak = 0
-        rip0 = -1
-        with self.deadline(t, f"vcpu {self.id}: no ucall within {t:g} s"):
-            while True:
-                ex = self.run()
-                if type(ex) is Io and ex.port == _ucall.UCALL_PORT:
-                    uc = _ucall.read_ucall(self, ex)
-                    if uc.cmd == _ucall.PRINTF:
-                        self.console.append(uc.text)
-                        last_key, streak = None, 0  # a ucall is progress
-                        if not stop_on_printf:
-                            continue
-                    uc.check(self)
-                    return uc
-                if ex is exits._INTR:
-                    continue
-                if on_exit is not None and on_exit(self, ex):
-                    if livelock_exits and type(ex) is Mmio:
-                        key = (ex.phys_addr, ex.len, ex.is_write, ex.data if ex.is_write else None)
-                        if key != last_key:
-                            last_key, streak = key, 1
-                        else:
-                            streak += 1
-                            if streak == 2:
-                                rip0 = self.get_regs().rip  # one KVM_GET_REGS per run of repeats
-                            elif streak >= livelock_exits:  # (so the first check is at >= 3)
-                                rip0, streak = self._check_livelock(ex, rip0, streak)
-                    continue
-                raise UnexpectedExitError(self, ex)
-
-    def _check_livelock(self, ex: Mmio, rip0: int, count: int) -> tuple[int, int]:
-        """count identical MMIO exits since rip0 was sampled: raise if the RIP is still rip0,
-        else start counting again from the new RIP."""
-        rip = self.get_regs().rip
-        if rip == rip0:
-            raise Livelock(
-                self, rip, count,
-                f"the same MMIO {'write' if ex.is_write else 'read'} of {ex.len} bytes at gpa "
-                f"{ex.phys_addr:#x} each time, handled by on_exit, and the guest never moved on",
-                gpa=ex.phys_addr, last_exit=ex)
-        return rip, 2
-
     def coalesced_mmio(self) -> list[CoalescedMmio]:
         """Drain the coalesced MMIO ring: the writes KVM recorded in registered coalesced zones
         without exiting, oldest first (KVM_REGISTER_COALESCED_MMIO; api.rst "coalesced_mmio")."""
@@ -240,18 +177,6 @@ class Vcpu:
             first = (first + 1) % cap
         ring.first = first  # hand the slots back to KVM
         return out
-
-    def run_until_done(self, timeout: float | None = None, **kw: Any) -> list[Ucall]:
-        """Run to GUEST_DONE, returning the SYNC ucalls met on the way."""
-        from harness.lib import ucall as _ucall
-        syncs = []
-        t = DEFAULT_UCALL_TIMEOUT if timeout is None else check_seconds("Vcpu.run_until_done", "timeout", timeout)
-        end = time.monotonic() + t
-        while True:
-            uc = self.run_until_ucall(max(0.001, end - time.monotonic()), **kw)
-            if uc.cmd == _ucall.DONE:
-                return syncs
-            syncs.append(uc)
 
     # ---- state ---------------------------------------------------------------------------------
     def get_regs(self) -> Any:
@@ -354,10 +279,14 @@ class Vcpu:
             f"cr0={s.cr0:#x} cr2={s.cr2:#x} cr3={s.cr3:#x} cr4={s.cr4:#x} efer={s.efer:#x} "
             f"cs={s.cs.selector:#x}(l={s.cs.l},db={s.cs.db}) ss={s.ss.selector:#x}"
         )
-        guest = getattr(self.vm, "guest", None)
-        if guest is not None:
-            lines.append(f"rip is {guest.symbolize(r.rip)}")
+        note = self._rip_note(r.rip)
+        if note:
+            lines.append(note)
         return "\n".join(lines)
+
+    def _rip_note(self, rip: int) -> str | None:
+        """A line on where rip is, for dump_state (harness.lib's GuestVcpu names the payload symbol)."""
+        return None
 
     # ---- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -423,19 +352,21 @@ def enable_cap_struct(where: str, cap: int, args: tuple[int, ...], flags: int) -
 
 
 class _Deadline:
+    """Vcpu.deadline(): the innermost, earliest bound wins; leaving restores the outer one."""
+
     def __init__(self, vcpu: Vcpu, seconds: float, reason: str) -> None:
         self.vcpu = vcpu
         self.seconds = seconds
         self.reason = reason
 
     def __enter__(self) -> _Deadline:
-        self._prev = (self.vcpu._deadline, self.vcpu._deadline_reason)
+        self._prev = (self.vcpu.deadline_at, self.vcpu.deadline_reason)
         end = time.monotonic() + self.seconds
         if self._prev[0] is None or end < self._prev[0]:
-            self.vcpu._deadline = end
-            self.vcpu._deadline_reason = self.reason
+            self.vcpu.deadline_at = end
+            self.vcpu.deadline_reason = self.reason
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.vcpu._deadline, self.vcpu._deadline_reason = self._prev
+        self.vcpu.deadline_at, self.vcpu.deadline_reason = self._prev
 

@@ -1,23 +1,36 @@
-"""A VM: its fd, the memslot table kept in step with the kernel, vCPUs, and VM-wide ioctls."""
+"""A VM: its fd, the memslot table kept in step with the kernel, vCPUs, and VM-wide ioctls.
+
+(Over 400 lines: one class per fd, as the uapi groups the ioctls; the memslot table is most of it.)
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from harness.kvm._cffi import ffi
 from harness.kvm.caps import KVM_MEM_GUEST_MEMFD, Cap
-from harness.kvm.errors import HarnessError
+from harness.kvm.checks import check_size, check_uint, closed_class
+from harness.kvm.dirty import bitmap_pages, pages_bitmap
+from harness.kvm.errors import BadInput, ClosedError, HarnessError
 from harness.kvm.ioctl import kvm_ioctl
 from harness.kvm.stats import Stats
 from harness.kvm.vcpu import Vcpu, enable_cap_struct
-from harness.lib.failures import BadInput, ClosedError, check_size, check_uint, closed_class
 from harness.memory.hostmem import PAGE_SIZE, Mapping, view
 
-if TYPE_CHECKING:
-    from harness.kvm.system import Kvm
+
+class System(Protocol):
+    """What a VM uses of the Kvm that made it (harness.kvm.system.Kvm, which imports this module)."""
+
+    fd: int
+    closed: bool
+
+    @property
+    def vcpu_mmap_size(self) -> int: ...
+
+    def _closed_what(self) -> str: ...
 
 
 class Backing(Protocol):
@@ -67,12 +80,14 @@ class Memslot:
 class Vm:
     """A KVM VM. Closing it closes its vCPUs, its stats fd, and the backings it owns."""
 
+    _vcpu_class: type[Vcpu] = Vcpu  # what create_vcpu makes; a subclass may make its own (GuestVm)
+
     # After close() the object is switched to closed_class(type(self)): every public method raises
     # ClosedError (the open class checks nothing) and fd is -1, so nothing reaches another VM that got
     # the same fd number. Dropped without close(), __del__ releases the fds and mappings: vCPUs hold
     # their VM weakly (Vcpu.vm), so no Vm <-> Vcpu cycle waits for the garbage collector.
 
-    def __init__(self, kvm: Kvm, vm_type: int = 0) -> None:
+    def __init__(self, kvm: System, vm_type: int = 0) -> None:
         self.closed = True  # until the fd exists: a half-made VM has nothing to close
         if kvm.closed:
             raise ClosedError(kvm._closed_what(), "Vm(kvm)")
@@ -98,7 +113,7 @@ class Vm:
     # ---- vCPUs ---------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
         vid = len(self.vcpus) if vcpu_id is None else check_uint("Vm.create_vcpu", "vcpu_id", vcpu_id, 32)
-        v = Vcpu(self, vid)
+        v = self._vcpu_class(self, vid)
         self.vcpus.append(v)
         return v
 
@@ -420,14 +435,10 @@ class Vm:
 
     def get_dirty_pages(self, slot: int) -> set[int]:
         """KVM_GET_DIRTY_LOG as a set of page numbers within the slot."""
-        from harness.kvm.dirty import bitmap_pages
-
         return bitmap_pages(self.get_dirty_log(slot), self._slot(slot, "Vm.get_dirty_pages").size // 4096)
 
     def clear_dirty_pages(self, slot: int, pages: set[int] | None = None) -> None:
         """KVM_CLEAR_DIRTY_LOG over the whole slot for `pages` (all pages when None)."""
-        from harness.kvm.dirty import pages_bitmap
-
         npages = self._slot(slot, "Vm.clear_dirty_pages").size // 4096
         bits = pages_bitmap(range(npages) if pages is None else pages, npages)
         self.clear_dirty_log(slot, 0, npages, bits)

@@ -4,6 +4,9 @@ A kick sets kvm_run.immediate_exit first and then signals the thread inside KVM_
 handler installed without SA_RESTART), so KVM_RUN returns EINTR whether the signal lands before or
 during the ioctl. The vCPU is then marked expired and its next run() raises VcpuTimeout, which
 carries the diagnostics collected before the kick.
+
+A vCPU registers itself (Watchdog.register) and offers the Bounded interface: the watchdog reads
+and writes only those attributes and calls only kick().
 """
 
 from __future__ import annotations
@@ -14,13 +17,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from harness.kvm._cffi import lib
-from harness.lib.failures import ClosedError
-
-if TYPE_CHECKING:
-    from harness.kvm.vcpu import Vcpu
+from harness.kvm.errors import ClosedError
 
 POLL_S = 0.02
 COLLECT_TIMEOUT_S = 10.0  # bound on the diagnostics collected before a kick
@@ -29,11 +29,34 @@ _rc = lib.kh_install_kick_handler()
 if _rc < 0:  # pragma: no cover - sigaction on a valid signal does not fail
     raise OSError(-_rc, "sigaction(kick signal)")
 
-Collector = Callable[["Vcpu", str], str]
+
+class Bounded(Protocol):
+    """What the watchdog uses of a vCPU it bounds (harness.kvm.vcpu.Vcpu, which imports this module)."""
+
+    id: int
+    closed: bool
+    run_thread: int  # threading ident of the thread inside (or entering) KVM_RUN, 0 outside
+    deadline_at: float | None  # time.monotonic() when the innermost Vcpu.deadline() ends
+    deadline_reason: str
+    expired: str | None  # set by the watchdog: the report the vCPU's next run() raises with
+
+    def kick(self) -> None: ...
+
+
+Collector = Callable[[Bounded, str], str]
+
+
+def kick_thread(ident: int) -> None:
+    """Signal the thread `ident` (inside KVM_RUN) so the ioctl returns EINTR; 0 or a gone thread: no-op."""
+    if ident:
+        try:
+            signal.pthread_kill(ident, KICK_SIGNAL)
+        except (ProcessLookupError, OSError):
+            pass
 
 
 class _DiagJob:
-    def __init__(self, vcpu: Vcpu, reason: str) -> None:
+    def __init__(self, vcpu: Bounded, reason: str) -> None:
         self.vcpu = vcpu
         self.reason = reason
         self.out: list[str] = []
@@ -44,21 +67,22 @@ class Watchdog:
     """Process-wide: tracks live vCPUs, a per-call deadline on each, and one global deadline."""
 
     def __init__(self) -> None:
-        self._vcpus: weakref.WeakSet[Vcpu] = weakref.WeakSet()
+        self._vcpus: weakref.WeakSet[Bounded] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._global_deadline: float | None = None
         self._global_reason = ""
         self.collectors: list[Collector] = []  # run before the kick; their text goes in the failure
         # Run when a vCPU registers (on its creating thread, before it can run): collectors must not
         # issue vCPU ioctls, which wait for the vcpu mutex KVM_RUN holds, so they prepare here.
-        self.register_hooks: list[Callable[[Vcpu], None]] = []
+        self.register_hooks: list[Callable[[Bounded], None]] = []
         self.expired_log: list[str] = []
         self._thread: threading.Thread | None = None
         self._diag_thread: threading.Thread | None = None
         self._diag_queue: queue.SimpleQueue[_DiagJob] = queue.SimpleQueue()
         self._diag_busy = threading.Event()
 
-    def register(self, vcpu: Vcpu) -> None:
+    def register(self, vcpu: Bounded) -> None:
+        """Bound `vcpu` from now on (held weakly: a dropped vCPU leaves by itself)."""
         for hook in self.register_hooks:
             try:
                 hook(vcpu)
@@ -94,18 +118,18 @@ class Watchdog:
             vcpus = list(self._vcpus)
         collected = False  # one report per tick for vCPUs outside KVM_RUN: it is the same process
         for v in vcpus:
-            if v._expired is not None:
-                if v._tid:
-                    self._signal(v)  # still inside KVM_RUN: the first kick may have raced
+            if v.expired is not None:
+                kick_thread(v.run_thread)  # still inside KVM_RUN: the first kick may have raced
                 continue
             reason = None
-            if v._deadline is not None and now >= v._deadline:
-                reason = v._deadline_reason
+            deadline = v.deadline_at
+            if deadline is not None and now >= deadline:
+                reason = v.deadline_reason
             elif gd is not None and now >= gd and not v.closed:
                 reason = self._global_reason
             if reason is None:
                 continue
-            collect = bool(v._tid) or not collected
+            collect = bool(v.run_thread) or not collected
             collected = collected or collect
             self.expire(v, reason, collect=collect)
 
@@ -118,11 +142,12 @@ class Watchdog:
         if collect in self.collectors:
             self.collectors.remove(collect)
 
-    def expire(self, vcpu: Vcpu, reason: str, *, collect: bool = True) -> None:
+    def expire(self, vcpu: Bounded, reason: str, *, collect: bool = True) -> None:
+        """Mark vcpu expired with `reason` (and the collectors' diagnostics), then kick it."""
         report = [reason]
         if self.collectors and collect:
             report += self._collect(vcpu, reason)
-        vcpu._expired = "\n".join(report)
+        vcpu.expired = "\n".join(report)
         self.expired_log.append(f"vcpu {vcpu.id}: {reason}")
         if vcpu.closed:
             return  # closed while the diagnostics ran: nothing to kick
@@ -131,7 +156,7 @@ class Watchdog:
         except (AttributeError, ClosedError):
             pass  # closed between the check and the kick (close() drops the kvm_run mapping)
 
-    def _collect(self, vcpu: Vcpu, reason: str) -> list[str]:
+    def _collect(self, vcpu: Bounded, reason: str) -> list[str]:
         """Run the collectors on the diagnostics thread, bounded: a collector that blocks (say, on
         a lock the stuck vCPU holds) must not stop the kick, or the bound on KVM_RUN would be gone.
         The thread is made once, up front: creating one at expiry needs a stack mmap, i.e. the
@@ -160,15 +185,6 @@ class Watchdog:
             finally:
                 self._diag_busy.clear()
                 job.done.set()
-
-    @staticmethod
-    def _signal(vcpu: Vcpu) -> None:
-        tid = vcpu._tid
-        if tid:
-            try:
-                signal.pthread_kill(tid, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
 
 
 WATCHDOG = Watchdog()

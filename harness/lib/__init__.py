@@ -1,1 +1,3 @@
-"""What a test needs on top of the binding: guest ELF images, ucall, the run loop, guest VMs."""
+"""What a test needs on top of the binding (harness.kvm, which never imports this package):
+guest ELF images (guest), the ucall protocol (ucall), guest failures (failures), the run loop
+(run), GuestVm / GuestVcpu / vm_with_vcpus (guestvm) and a guest driver's descriptor (mailbox)."""

@@ -10,10 +10,14 @@ from pathlib import Path
 from elftools.elf.constants import P_FLAGS  # noqa: F401  (documents what p_flags mean)
 from elftools.elf.elffile import ELFFile
 
-from harness.kvm.errors import GuestBuildError
+from harness.kvm.errors import HarnessError
 
 GUESTS_DIR = Path(os.environ.get("KVM_HARNESS_GUESTS", Path(__file__).resolve().parents[2] / "guests"))
 BUILD_DIR = GUESTS_DIR / "build"
+
+
+class GuestBuildError(HarnessError):
+    """A guest payload is missing or older than its sources."""
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,27 @@
 """A VM ready to run a payload from guests/: boot slot, loaded ELF, GDT/TSS, page tables, vCPUs.
 
-This is the "easy things easy" entry point: `GuestVm(kvm, "checksum", Mode.LONG64)` gives a VM
-whose vCPU 0 starts at the payload's `_start` in the chosen mode (layout: guests/ABI.md).
+This is the "easy things easy" entry point: `vm_with_vcpus("checksum", mode="long64")` (or
+`GuestVm(kvm, "checksum", Mode.LONG64)`) gives a VM whose vCPU 0 starts at the payload's `_start` in
+the chosen mode (layout: guests/ABI.md). Its vCPUs are GuestVcpus: `vcpu.set_args(arg)`,
+`vcpu.run_until_ucall()`.
 """
 
 from __future__ import annotations
 
 import operator
+import os
 import weakref
 from typing import Any
 
-from harness.kvm.errors import HarnessError
+from harness.kvm.checks import check_size, check_uint
+from harness.kvm.errors import BadInput, HarnessError
 from harness.kvm.system import Kvm
 from harness.kvm.vcpu import Vcpu
 from harness.kvm.vm import Memslot, Vm
-from harness.lib.failures import BadInput, check_size, check_uint
+from harness.lib import run
 from harness.lib.guest import GuestImage, load_image
+from harness.lib.ucall import Ucall
+from harness.unsupported import Unsupported
 from harness.x86.modes import GDT_GPA, Mode, gdt_bytes, setup_sregs, unsupported_reason
 from harness.x86.paging import PageTables
 
@@ -29,11 +35,49 @@ SCRATCH = (0x800000, 0x1000000)
 REAL_MODE_PAYLOAD_PREFIX = "real_"
 
 
-class ModeUnsupported(HarnessError):
+class ModeUnsupported(Unsupported):
     """This host cannot run the requested guest mode; the message is the reason (cases skip on it)."""
 
 
+class GuestVcpu(Vcpu):
+    """A vCPU of a GuestVm: the guest ABI's argument register and the ucall run loop on top of Vcpu."""
+
+    def __init__(self, vm: GuestVm, vcpu_id: int) -> None:
+        self.console: list[str] = []  # GUEST_PRINTF output
+        super().__init__(vm, vcpu_id)
+
+    @property
+    def vm(self) -> GuestVm:
+        return super().vm  # type: ignore[return-value]  # a GuestVm makes its GuestVcpus
+
+    def set_args(self, arg: int) -> None:
+        """The argument guest_main(vcpu_id, arg) receives (guests/ABI.md: rsi; a 32-bit guest sees the
+        low half). Set before the guest reads it, i.e. before its first run."""
+        arg = check_uint("GuestVcpu.set_args", "arg", arg, 64)
+        r = self.get_regs()
+        r.rsi = arg
+        self.set_regs(r)
+
+    def run_until_ucall(
+        self, timeout: float | None = None, *, on_exit: run.ExitHandler | None = None,
+        stop_on_printf: bool = False, livelock_exits: int | None = run.DEFAULT_LIVELOCK_EXITS,
+    ) -> Ucall:
+        """Run until the guest's next ucall (harness.lib.run.run_until_ucall: failures, exits, bound)."""
+        return run.run_until_ucall(self, timeout, on_exit=on_exit, stop_on_printf=stop_on_printf,
+                                   livelock_exits=livelock_exits, console=self.console)
+
+    def run_until_done(self, timeout: float | None = None, **kw: Any) -> list[Ucall]:
+        """Run to GUEST_DONE, returning the SYNC ucalls met on the way."""
+        return run.run_until_done(self, timeout, console=self.console, **kw)
+
+    def _rip_note(self, rip: int) -> str | None:
+        return f"rip is {self.vm.guest.symbolize(rip)}"
+
+
 class GuestVm(Vm):
+    _vcpu_class = GuestVcpu
+    vcpus: list[GuestVcpu]  # type: ignore[assignment]
+
     def __init__(self, kvm: Kvm, payload: str, mode: Mode | str = Mode.LONG64, *, nr_vcpus: int = 1,
                  arg: int = 0, vm_type: int = 0, identity_map: int = 1 << 30,
                  boot_backing: Any = None) -> None:
@@ -51,7 +95,7 @@ class GuestVm(Vm):
             raise BadInput("GuestVm", "nr_vcpus", nr_vcpus,
                            f"must be in [0, {MAX_VCPUS}] (at most {MAX_VCPUS} vCPUs fit the boot slot's stack area; "
                            "0: add them with add_vcpu())")
-        arg = check_uint("GuestVm", "arg", arg, 64)  # rsi of every vCPU
+        arg = check_uint("GuestVm", "arg", arg, 64)  # every vCPU's argument (GuestVcpu.set_args)
         identity_map = check_size("GuestVm", "identity_map", identity_map)
         reason = unsupported_reason(self.mode, kvm.supported_cpuid)
         if reason:
@@ -96,14 +140,15 @@ class GuestVm(Vm):
         self.write(gpa, bytes(0x1000))
         return gpa
 
-    def add_vcpu(self, arg: int | None = None) -> Vcpu:
-        """A vCPU that starts at the payload's entry with rdi = its index and rsi = arg."""
+    def add_vcpu(self, arg: int | None = None) -> GuestVcpu:
+        """A vCPU that starts at the payload's entry with rdi = its index and rsi = arg (the VM's
+        `arg` when None)."""
         if arg is not None:
             arg = check_uint("GuestVm.add_vcpu", "arg", arg, 64)
         if len(self.vcpus) >= MAX_VCPUS:
             raise BadInput("GuestVm.add_vcpu", "vcpu index", len(self.vcpus),
                            f"has no stack: {MAX_VCPUS} vCPUs fill the boot slot's stack area")
-        v = self.create_vcpu()
+        v: GuestVcpu = self.create_vcpu()  # type: ignore[assignment]  # _vcpu_class
         v.set_cpuid(self.kvm.supported_cpuid)  # MAXPHYADDR follows the host only with SET_CPUID2
         s = v.get_sregs()
         setup_sregs(s, self.mode, self.pt.root if self.pt else 0)
@@ -113,13 +158,14 @@ class GuestVm(Vm):
         r.rflags = 0x2
         r.rsp = STACK_TOP - v.id * STACK_SIZE
         r.rdi = v.id
-        r.rsi = self.arg if arg is None else arg
         v.set_regs(r)
+        v.set_args(self.arg if arg is None else arg)
         return v
 
     # ---- what cases use ------------------------------------------------------------------------
     @property
-    def vcpu(self) -> Vcpu:
+    def vcpu(self) -> GuestVcpu:
+        """vCPU 0."""
         return self.vcpus[0]
 
     def map(self, gva: int, gpa: int, size: int, page_size: int = 4096, **perm: Any) -> None:
@@ -163,3 +209,21 @@ def _weak_alloc(vm: GuestVm) -> Any:
 
 def _round_up(x: int, a: int) -> int:
     return (x + a - 1) // a * a
+
+
+def vm_with_vcpus(payload: str, mode: Mode | str = Mode.LONG64, *, backing: Any = None, nr_vcpus: int = 1,
+                  arg: int = 0, kvm: Kvm | None = None) -> GuestVm:
+    """A GuestVm running `payload` in `mode` with nr_vcpus vCPUs (the selftests'
+    vm_create_with_one_vcpu): `vm.vcpu` is vCPU 0. `backing` is the boot slot's memory (a
+    harness.memory backing; anonymous when None). Without `kvm` it opens the KVM device
+    ($KVM_HARNESS_DEV, else /dev/kvm) and the VM closes it with itself."""
+    if kvm is not None:
+        return GuestVm(kvm, payload, mode, nr_vcpus=nr_vcpus, arg=arg, boot_backing=backing)
+    own = Kvm(os.environ.get("KVM_HARNESS_DEV", "/dev/kvm"))
+    try:
+        vm = GuestVm(own, payload, mode, nr_vcpus=nr_vcpus, arg=arg, boot_backing=backing)
+    except BaseException:
+        own.close()
+        raise
+    vm.own(own)  # closed by vm.close(), after the VM fd
+    return vm

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from harness.kvm.checks import check_size
 from harness.kvm.errors import HarnessError
-from harness.lib.failures import check_size
 from harness.memory.backings import (
     PAGE_4K,
     AnonBacking,

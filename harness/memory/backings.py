@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from harness.kvm.caps import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, Cap
-from harness.kvm.errors import HarnessError, KvmError
-from harness.lib.failures import BadInput, check_size
+from harness.kvm.checks import check_size
+from harness.kvm.errors import BadInput, HarnessError, KvmError
 from harness.memory import hostmem, usage
 from harness.memory.hugepages import PAGE_1G, PAGE_2M, size_name
 from harness.memory.mounts import MountError, Mounts, default_mounts
+from harness.unsupported import Unsupported
 
 if TYPE_CHECKING:
     from harness.kvm.vm import Vm
@@ -31,7 +32,7 @@ MFD_HUGETLB = 0x0004
 MFD_HUGE_SHIFT = 26
 
 
-class BackingUnavailable(HarnessError):
+class BackingUnavailable(Unsupported):
     """This kind of backing cannot be made here; the message is the reason (cases skip on it)."""
 
 
@@ -80,6 +81,11 @@ class Backing:
     @property
     def buf(self) -> Any:
         return self.view()
+
+    @property
+    def mapping(self) -> hostmem.Mapping | None:
+        """The host mapping (flags, fd offset) when the harness made one; None otherwise."""
+        return self._mapping
 
     def view(self, offset: int = 0, length: int | None = None) -> Any:
         """A writable buffer over [offset, offset+length) of the host mapping."""

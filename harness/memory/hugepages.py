@@ -22,17 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.kvm.errors import HarnessError
 from harness.memory import cleanup
 from harness.memory.ledger import LEDGER, Book, Owner, boot_id, holder_alive, locked
 from harness.memory.usage import HUGEPAGES_SYSFS, hugepage_dir
+from harness.unsupported import Unsupported
 
 PAGE_2M = 2 << 20
 PAGE_1G = 1 << 30
 DEFAULT_LEDGER = LEDGER
 
 
-class HugepagesUnavailable(HarnessError):
+class HugepagesUnavailable(Unsupported):
     """The pool cannot give the pages asked for; the message says why (cases skip on it)."""
 
     others: int = 0  # pages other holders had at the time (a retry may succeed once they release)

@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.kvm.errors import HarnessError
+from harness.unsupported import Unsupported
 
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_EXTENT_LAST = 0x1
@@ -32,7 +32,7 @@ _HDR = struct.Struct("<QQIIII")  # struct fiemap (32 bytes)
 _EXT = struct.Struct("<QQQQQIIII")  # struct fiemap_extent (56 bytes)
 
 
-class DiskReadUnavailable(HarnessError):
+class DiskReadUnavailable(Unsupported):
     """The file's blocks cannot be read from its device here; the message says why."""
 
 

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from harness.kvm.errors import HarnessError
 from harness.kvm.exits import Exit, Mmio
-from harness.kvm.vcpu import DEFAULT_UCALL_TIMEOUT
-from harness.lib.ucall import SYNC
+from harness.lib.guestvm import GuestVm
+from harness.lib.mailbox import Mailbox
+from harness.lib.run import DEFAULT_UCALL_TIMEOUT
 
 if TYPE_CHECKING:
     from harness.kvm.system import Kvm
     from harness.kvm.vcpu import Vcpu
-    from harness.lib.guestvm import GuestVm
 
 MIX = 0x9E3779B97F4A7C15
 MASK = (1 << 64) - 1
@@ -145,17 +145,12 @@ class MemTouch:
             raise HarnessError(f"MemTouch needs the memtouch payload, the VM runs {vm.guest.name}")
         self.vm = vm
         self.vcpu = vm.vcpu
-        self.desc = vm.alloc(DESC_SIZE, 64)
-        r = self.vcpu.get_regs()
-        r.rsi = self.desc
-        self.vcpu.set_regs(r)
+        self.mailbox = Mailbox(vm, DESC_SIZE)
         self._next_gva = TEST_GVA
         self.done_sent = False
 
     @classmethod
     def open(cls, kvm: Kvm, **kw: Any) -> MemTouch:
-        from harness.lib.guestvm import GuestVm
-
         return cls(GuestVm(kvm, "memtouch", "long64", **kw))
 
     # ---- guest page tables ---------------------------------------------------------------------
@@ -184,14 +179,10 @@ class MemTouch:
             timeout: float | None = None) -> Result:
         if self.done_sent:
             raise HarnessError("memtouch already finished (done() was called)")
-        data = b"".join(x.to_bytes(8, "little") for x in (cmd, gva, length, pattern & MASK, stride))
-        self.vm.write(self.desc, data)
         if timeout is None:
-            # first touch of a 1 GiB hugetlb page takes 2.2 s idle and over 5 s under -n 2 load here
+            # faulting in a 1 GiB hugetlb page takes seconds, more under parallel load
             timeout = DEFAULT_UCALL_TIMEOUT + 25.0 * (length / (1 << 30))
-        uc = self.vcpu.run_until_ucall(timeout, on_exit=on_exit)
-        if uc.cmd != SYNC:
-            raise HarnessError(f"memtouch answered {uc!r} to cmd {cmd}")
+        uc = self.mailbox.call(cmd, gva, length, pattern & MASK, stride, timeout=timeout, on_exit=on_exit)
         res = Result.from_args(uc.args)
         if res.cmd != cmd:
             raise HarnessError(f"memtouch answered cmd {res.cmd} to cmd {cmd}")
@@ -212,13 +203,8 @@ class MemTouch:
 
     def done(self) -> None:
         """Send cmd 0 and run to GUEST_DONE."""
-        from harness.lib.ucall import DONE
-
-        self.vm.write(self.desc, bytes(DESC_SIZE))
-        uc = self.vcpu.run_until_ucall()
+        self.mailbox.finish()
         self.done_sent = True
-        if uc.cmd != DONE:
-            raise HarnessError(f"memtouch answered {uc!r} to cmd 0")
 
     # ---- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:

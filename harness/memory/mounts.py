@@ -28,6 +28,7 @@ from typing import Any
 from harness.kvm.errors import HarnessError
 from harness.memory import cleanup, ledger
 from harness.memory.ledger import LEDGER, pid_alive
+from harness.unsupported import Unsupported
 
 PREFIX = "kvm-harness-mnt."
 _NAME = re.compile(re.escape(PREFIX) + r"(\d+)\.")
@@ -39,7 +40,7 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-class MountError(HarnessError):
+class MountError(Unsupported):
     """A mount the harness needs cannot be made here; the message says why (cases skip on it)."""
 
 

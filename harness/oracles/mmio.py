@@ -5,6 +5,8 @@ the access the guest made: the GPA exactly (no masking, so an address truncated 
 MAXPHYADDR-1 bits is a failure, named as such), the length, the direction and, for writes, the
 bytes the guest stored. Everything here is pure (no KVM): tests/test_mmio_oracle.py feeds it
 truncated and otherwise wrong exits.
+
+    mmio_exits(dev.take(), [read(gpa, 8)], maxphyaddr=m).check("8-byte load")  # raises MmioMismatch
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from harness.oracles.verdict import OracleFailure, Verdict
 
 U64 = (1 << 64) - 1
 PAGE = 0x1000
@@ -60,12 +64,36 @@ def write(gpa: int, data: bytes | int, n: int | None = None) -> Access:
     return Access(gpa, len(data), True, data)
 
 
-class MmioMismatch(AssertionError):
-    """KVM's report of an MMIO access differs from the access the guest made."""
+class MmioMismatch(OracleFailure):
+    """KVM's report of an MMIO access differs from the access the guest made (`problems`: each way).
 
-    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
-        self.problems = list(problems)
-        super().__init__(message)
+    `then`: what happened after the exits, e.g. the guest's own failure report, appended to the
+    message (the exits are checked first so the failure names the wrong GPA)."""
+
+    def __init__(self, verdict: Verdict, context: str = "", then: str = "") -> None:
+        super().__init__(verdict, context)
+        self.then = then
+        if then:
+            self.args = (f"{self.args[0]}\n{then}",)
+
+
+@dataclass(frozen=True)
+class MmioVerdict(Verdict):
+    """A Verdict on MMIO reports: its explanation shows both sides (the guest's accesses, KVM's
+    reports) before the problems, and check() raises MmioMismatch."""
+
+    listing: tuple[str, ...] = ()  # the "expected:" / "got:" lines
+
+    def explain(self, context: str = "") -> str:
+        if self.ok:
+            return super().explain(context)
+        head, *rest = super().explain(context).split("\n")
+        return "\n".join([head, *self.listing, *rest])
+
+    def check(self, context: str = "") -> Verdict:
+        if self.problems:
+            raise MmioMismatch(self, context)
+        return self
 
 
 # ---- address diagnosis ---------------------------------------------------------------------------
@@ -158,32 +186,25 @@ def mismatches(got: MmioReport, want: Access, *, maxphyaddr: int) -> list[str]:
     return out
 
 
-def check_exit(got: MmioReport, want: Access, *, maxphyaddr: int, what: str = "") -> None:
-    """Raise MmioMismatch unless `got` reports exactly `want`."""
-    probs = mismatches(got, want, maxphyaddr=maxphyaddr)
-    if probs:
-        head = "MMIO exit does not match the guest's access" + (f" ({what})" if what else "")
-        raise MmioMismatch(
-            f"{head}\n  expected: {want.describe()}\n  got:      {describe_report(got)}\n"
-            + "\n".join(f"  - {p}" for p in probs), probs)
+def mmio_exit(got: MmioReport, want: Access, *, maxphyaddr: int) -> MmioVerdict:
+    """`got` must report exactly the access `want`."""
+    listing = (f"  expected: {want.describe()}", f"  got:      {describe_report(got)}")
+    return MmioVerdict("MMIO exit", tuple(mismatches(got, want, maxphyaddr=maxphyaddr)), {}, listing)
 
 
-def check_exits(got: Sequence[MmioReport], want: Sequence[Access], *, maxphyaddr: int,
-                what: str = "") -> None:
-    """Raise MmioMismatch unless `got` is exactly the accesses `want`, in order."""
+def mmio_exits(got: Sequence[MmioReport], want: Sequence[Access], *, maxphyaddr: int) -> MmioVerdict:
+    """`got` must be exactly the accesses `want`, in order. Facts: how many exits, how many accesses."""
     probs: list[str] = []
     for i, (g, w) in enumerate(zip(got, want, strict=False)):
         probs.extend(f"exit #{i}: {p}" for p in mismatches(g, w, maxphyaddr=maxphyaddr))
     if len(got) != len(want):
         probs.append(f"{len(got)} exits where the guest's access{'es' * (len(want) != 1)} need {len(want)}")
-    if probs:
-        head = "MMIO exits do not match the guest's accesses" + (f" ({what})" if what else "")
-        lines = [head, "  expected:"]
-        lines += [f"    #{i} {w.describe()}" for i, w in enumerate(want)] or ["    (no exit)"]
-        lines.append("  got:")
-        lines += [f"    #{i} {describe_report(g)}" for i, g in enumerate(got)] or ["    (no exit)"]
-        lines += [f"  - {p}" for p in probs]
-        raise MmioMismatch("\n".join(lines), probs)
+    listing = ["  expected:"]
+    listing += [f"    #{i} {w.describe()}" for i, w in enumerate(want)] or ["    (no exit)"]
+    listing.append("  got:")
+    listing += [f"    #{i} {describe_report(g)}" for i, g in enumerate(got)] or ["    (no exit)"]
+    return MmioVerdict("MMIO exits", tuple(probs),
+                       {"exits": len(got), "accesses": len(want)}, tuple(listing))
 
 
 # ---- where the matrix puts its accesses ----------------------------------------------------------

@@ -7,7 +7,9 @@ Registered as a plugin (conftest.py `pytest_plugins`). A case says what memory i
         b = backings(kind, 2 << 20, vm=memtouch.vm)    # hugepages reserved, or a skip with the reason
         slot = memtouch.vm.add_memslot(1 << 40, 2 << 20, backing=b)
 
-`--memory-backings=anon,shmem` keeps only the cases whose `kind` parameter is listed.
+`--memory-backings=anon,shmem` keeps only the cases whose `kind` parameter is listed (the option and
+its deselection live in harness.pytest.options and harness.pytest.core). What this machine cannot
+give (a backing kind, hugepages) raises Unsupported, which harness.pytest.core makes a skip.
 
 Whatever ends the run, nothing is left behind: SIGTERM and SIGHUP end every pytest process (the
 xdist controller and each worker) like Ctrl-C does, so fixtures are torn down and the exit status is
@@ -29,7 +31,7 @@ import pytest
 from harness import memory
 from harness.memory import cleanup
 from harness.memory.backings import Backing, BackingUnavailable
-from harness.memory.hugepages import HugepagePool, HugepagesUnavailable, prune_stale
+from harness.memory.hugepages import HugepagePool, prune_stale
 from harness.memory.ledger import LEDGER
 from harness.memory.memtouch import MemTouch
 from harness.memory.mounts import Mounts, cleanup_stale, close_default, default_mounts
@@ -38,13 +40,9 @@ if TYPE_CHECKING:
     from harness.kvm.system import Kvm
     from harness.kvm.vm import Vm
 
+pytest_plugins = ["harness.pytest.core"]
+
 DEFAULT_WAIT = 30.0  # seconds a case queues for hugepages another worker holds
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    g = parser.getgroup("kvm-harness")
-    g.addoption("--memory-backings", default=None,
-                help="comma-separated backing kinds to run (default: all); cases parametrized by `kind`")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -92,26 +90,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                       stacklevel=1)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    only = config.getoption("--memory-backings")
-    if not only:
-        return
-    keep = {k.strip() for k in only.split(",") if k.strip()}
-    unknown = keep - set(memory.KINDS)
-    if unknown:
-        raise pytest.UsageError(f"--memory-backings: unknown kinds {sorted(unknown)} "
-                                f"(known: {', '.join(memory.KINDS)})")
-    selected, deselected = [], []
-    for item in items:
-        kind = getattr(item, "callspec", None) and item.callspec.params.get("kind")
-        (deselected if kind and kind not in keep else selected).append(item)
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = selected
-
-
 class Hugepages:
-    """The `hugepages` fixture: reserve(page_size, count) or skip the case with the reason."""
+    """The `hugepages` fixture: reserve(page_size, count), or HugepagesUnavailable (the case skips)."""
 
     def __init__(self, pool: HugepagePool, wait: float = DEFAULT_WAIT) -> None:
         self.pool = pool
@@ -119,11 +99,8 @@ class Hugepages:
 
     def reserve(self, page_size: int, count: int) -> None:
         """Grow the pool by count pages; waits (bounded) while another worker holds pages of this
-        size, then skips the case with the kernel's answer."""
-        try:
-            self.pool.reserve(page_size, count, wait=self.wait)
-        except HugepagesUnavailable as e:
-            pytest.skip(str(e))
+        size, then raises HugepagesUnavailable with the kernel's answer."""
+        self.pool.reserve(page_size, count, wait=self.wait)
 
     def reserve_for(self, kind: str, size: int) -> None:
         """Reserve what a backing of this kind and size takes from a pool (nothing for most kinds)."""
@@ -152,7 +129,7 @@ class Backings:
                 break
             except BackingUnavailable as e:
                 if "ENOMEM" not in str(e) or time.monotonic() >= deadline:
-                    pytest.skip(f"backing {kind}: {e}")
+                    raise BackingUnavailable(f"backing {kind}: {e}") from e
                 time.sleep(0.05)
         self.made.append(b)
         return b

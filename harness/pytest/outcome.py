@@ -15,6 +15,10 @@ from collections.abc import Generator
 
 import pytest
 
+from harness.pytest import options
+
+pytest_plugins = ["harness.pytest.core"]
+
 ALL_SKIPPED = 4  # KSFT_SKIP in tools/testing/selftests/kselftest.h (pytest's USAGE_ERROR is 4 as well)
 
 
@@ -34,7 +38,7 @@ class _Outcome:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if (exitstatus == pytest.ExitCode.OK and self.skipped and not self.ran
-                and not session.config.getoption("--bisect", default=False)):
+                and not options.bisect(session.config)):
             self.all_skipped = True
             session.exitstatus = ALL_SKIPPED
 

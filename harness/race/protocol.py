@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.oracles.verdict import Verdict
 from harness.x86 import kvmclock
 
 MAGIC = 0xA5C3
@@ -132,15 +133,15 @@ class Violation:
         return s
 
 
-def judge(seen: int, g1: int, g2: int, page: int) -> str | None:
-    """The guest's check, on the host (race_toucher.c does the same): None when the read is right
-    or not judged (the page was in flux: g1 odd or g1 != g2, the gentab[page] loads before and
-    after it), else what is wrong with it."""
+def judge(seen: int, g1: int, g2: int, page: int) -> Verdict:
+    """The guest's check of one read, on the host (race_toucher.c does the same in the guest's hot
+    loop): ok when the read is right or not judged (the page was in flux: g1 odd or g1 != g2, the
+    gentab[page] loads before and after it; fact `judged`), else the problem says what is wrong."""
     if g1 & 1 or g1 != g2:
-        return None
+        return Verdict.of("stale", (), judged=False)
     if seen == tag(g1 >> 1, page):
-        return None
-    return classify(seen, g1 >> 1, page)
+        return Verdict.of("stale", (), judged=True)
+    return Verdict.of("stale", [classify(seen, g1 >> 1, page)], judged=True)
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,2 @@
-"""Result formats: ktap (KTAP v1 writer), pytest_ktap (the --ktap option)."""
+"""Result formats: ktap (KTAP v1 writer), ktap_parser (the strict reader). The --ktap option is
+harness.pytest.ktap."""

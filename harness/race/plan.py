@@ -1,0 +1,46 @@
+"""What one race is asked to do: its spec (backing, disruptors, vCPUs, duration, seed), the
+oracles a case may name, and the exception that turns a pair that cannot run here into a skip."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.memory import PAGE_2M, PAGE_4K
+from harness.unsupported import Unsupported
+
+# every oracle the engine judges; a case names the ones it checks (RaceReport.failures)
+ORACLES = ("stale", "ro-write", "progress", "released", "kernel", "overlap", "kvmclock")
+
+
+class RaceUnsupported(Unsupported):
+    """This (backing, disruptor) pair cannot run here; the message is the reason (cases skip)."""
+
+
+@dataclass(frozen=True)
+class RaceSpec:
+    kind: str
+    disruptors: tuple[str, ...]
+    vcpus: int = 1
+    page: int = PAGE_4K  # guest mapping size of the region (4 KiB PTEs or 2 MiB PDEs)
+    seconds: float = 1.0
+    seed: int = 0
+    max_ops: int | None = None  # stop after this many ops of the first disruptor (bench)
+    progress_bound: float = 5.0  # a vCPU that completes no sweep for this long has stalled
+    writers: int | None = None  # bit i: vCPU i writes its word of each page (default: see Race)
+    label: str = ""  # the case's id, mixed into the RNG seed
+    # (disruptor CPU, vCPU CPU): pin the threads (bench: both sides alike, less scheduler noise);
+    # None in cases, where xdist workers share the CPUs
+    pin: tuple[int, int] | None = None
+    # a thread doing KVM_SET_CLOCK while the disruptor works: each vCPU's kvmclock lives in the
+    # region's first page and every update must reach the page the host maps there (KVM writes it
+    # through its gfn_to_pfn_cache, which invalidations must refresh)
+    kvmclock: bool = False
+
+    def describe(self) -> str:
+        return (f"{'+'.join(self.disruptors)} on {self.kind}, {self.vcpus} vCPU(s), "
+                f"{'2 MiB' if self.page == PAGE_2M else '4 KiB'} guest pages, {self.seconds:g} s, "
+                f"seed {self.seed}")
+
+    def rng_key(self) -> str:
+        """What every generator of this race is seeded from (with its purpose): reruns draw alike."""
+        return f"{self.seed}/{self.label}"
