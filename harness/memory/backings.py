@@ -1,5 +1,8 @@
 """Guest memory backings, one class per kind, behind one interface.
 
+(Over 400 lines: one class per backing kind behind one interface, so a kind's differences sit side
+by side; the pool, mounts and ledger are their own modules.)
+
 Every backing offers: the host mapping (`addr`, `view()`), its fd where there is one, the page size
 that backs it, `punch_hole(offset, length)` (release memory: reads give zeros afterwards),
 `remap(offset, length)` (replace the host mapping in place, MAP_FIXED), `footprint()` (bytes the

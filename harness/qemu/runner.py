@@ -1,5 +1,8 @@
 """Boot a kernel under QEMU, run pytest args inside against its /dev/kvm, answer in bisect codes.
 
+(Over 400 lines: one run's whole life, QEMU command, console watch, verdict, kept together so the
+bisect codes have one author; the initramfs, image and module handling are already their own modules.)
+
 The guest is ours end to end (initramfs.py): QEMU's own options only, nothing installed in the
 guest, the host root shared read-only over 9p with a tmpfs overlay. The console (ttyS0) is piped
 to the host and streamed live; sentinel lines carrying a per-run nonce say how far the guest got:
