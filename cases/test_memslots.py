@@ -31,6 +31,7 @@ from harness.kvm.ioctl import cbuf, kvm_ioctl
 from harness.memory import PAGE_4K, Feature
 from harness.memory.hostmem import Mapping
 from harness.memory.memtouch import MmioLog, host_check, host_fill, word
+from harness.unsupported import Unsupported
 
 SLOT = 1
 GPA_A = 1 << 40
@@ -161,24 +162,31 @@ class Ctx:
     kvm: Any
     vm: Any
     mem: Mapping
-    gm: memory.Backing
-    other_gm: memory.Backing
+    gm: memory.Backing | None  # None where this kernel has no (host-mappable) guest_memfd
+    other_gm: memory.Backing | None
     memfd: int
     nr_slots: int
     address_spaces: int
+    gmem_why: str | None = None  # why gm is None: the reason the guest_memfd cases skip with
 
     FREE = 7
     GPA_FREE = 1 << 34
     A = 0  # anon slot at 2^32, 2 MiB
-    G = 1  # guest_memfd slot at 2^33, 2 MiB, gmem offset 0
+    G = 1  # guest_memfd slot at 2^33, 2 MiB, gmem offset 0 (a plain slot of `mem` without guest_memfd)
+
+    @property
+    def gm_hva(self) -> int:
+        """The guest_memfd's host mapping (user memory the plain cases may name either way)."""
+        return self.gm.addr if self.gm is not None else self.mem.addr + (8 << 20)
 
     def v1(self, slot: int, gpa: int, size: int, hva: int | None = None, flags: int = 0) -> None:
         self.vm.set_user_memory_region(slot, gpa, size, self.mem.addr if hva is None else hva, flags)
 
     def v2(self, slot: int, gpa: int, size: int, flags: int = 0, fd: int | None = None, off: int = 0,
            hva: int | None = None) -> None:
-        self.vm.set_user_memory_region2(slot, gpa, size, self.gm.addr if hva is None else hva, flags,
-                                        self.gm.fd if fd is None else fd, off)
+        if fd is None:
+            fd = self.gm.fd if self.gm is not None else 0  # ignored by KVM without KVM_MEM_GUEST_MEMFD
+        self.vm.set_user_memory_region2(slot, gpa, size, self.gm_hva if hva is None else hva, flags, fd, off)
 
     def gmem(self, slot: int, gpa: int, size: int, off: int, fd: int | None = None, flags: int = 0) -> None:
         self.v2(slot, gpa, size, KVM_MEM_GUEST_MEMFD | flags, fd, off)
@@ -186,18 +194,30 @@ class Ctx:
 
 @pytest.fixture
 def ctx(kvm, backings):
+    """Two VMs, 16 MiB of anonymous memory (slot A), a memfd; a guest_memfd per VM and slot G bound to
+    this VM's where the kernel has guest_memfd, else slot G is plain memory and gm is None (the
+    guest_memfd cases skip with ctx.gmem_why; the plain ones run everywhere)."""
     vm = kvm.create_vm()
     other = kvm.create_vm()
     mem = Mapping(16 << 20)
     memfd = os.memfd_create("not-a-guest-memfd", 1)
     try:
         os.ftruncate(memfd, 8 << 20)
-        gm = backings("guest_memfd", 8 << 20, vm=vm)
-        other_gm = backings("guest_memfd", 8 << 20, vm=other)
+        gm = other_gm = None
+        why = None
+        try:
+            gm = backings("guest_memfd", 8 << 20, vm=vm)
+            other_gm = backings("guest_memfd", 8 << 20, vm=other)
+        except Unsupported as e:
+            gm = other_gm = None  # all or nothing (what was made is closed with the `backings`)
+            why = str(e)
         c = Ctx(kvm, vm, mem, gm, other_gm, memfd, vm.check_extension(Cap.NR_MEMSLOTS),
-                max(1, vm.check_extension(Cap.MULTI_ADDRESS_SPACE)))
+                max(1, vm.check_extension(Cap.MULTI_ADDRESS_SPACE)), why)
         vm.add_memslot(1 << 32, 2 << 20, slot=Ctx.A, backing=mem)
-        vm.add_memslot(1 << 33, 2 << 20, slot=Ctx.G, backing=gm)
+        if gm is not None:
+            vm.add_memslot(1 << 33, 2 << 20, slot=Ctx.G, backing=gm)
+        else:
+            vm.add_memslot(1 << 33, 2 << 20, slot=Ctx.G, backing=mem, offset=4 << 20)
         yield c
     finally:
         vm.close()
@@ -227,7 +247,7 @@ BAD: list[tuple[str, Callable[[Ctx], Any], int, str]] = [
     ("flags-bit3-v1", lambda c: c.v1(c.FREE, c.GPA_FREE, PAGE_4K, flags=1 << 3), E, "unknown flag"),
     ("flags-bit31-v1", lambda c: c.v1(c.FREE, c.GPA_FREE, PAGE_4K, flags=1 << 31), E, "unknown flag"),
     ("flags-bit3-v2", lambda c: c.v2(c.FREE, c.GPA_FREE, PAGE_4K, 1 << 3, hva=c.mem.addr), E, "unknown flag"),
-    ("v1-guest-memfd-flag", lambda c: c.v1(c.FREE, c.GPA_FREE, _2M, c.gm.addr, GM), E,
+    ("v1-guest-memfd-flag", lambda c: c.v1(c.FREE, c.GPA_FREE, _2M, c.gm_hva, GM), E,
      "KVM_MEM_GUEST_MEMFD is a v2 flag"),
     ("resize-in-place", lambda c: c.v1(c.A, 1 << 32, 4 << 20), E, "a slot may not be resized"),
     ("change-hva", lambda c: c.v1(c.A, 1 << 32, _2M, c.mem.addr + _2M), E, "userspace_addr is fixed"),
@@ -260,11 +280,18 @@ BAD: list[tuple[str, Callable[[Ctx], Any], int, str]] = [
 
 
 
+# What a BAD case needs beyond a VM and plain memory (the rest run on every kernel):
+#   "gmem": a host-mappable guest_memfd (ctx.gm) or KVM_CREATE_GUEST_MEMFD itself;
+#   "v2":   KVM_SET_USER_MEMORY_REGION2 (KVM_CAP_USER_MEMORY2, 6.8+).
+NEEDS = {name: "gmem" for name, *_ in BAD if name.startswith("gmem-")}
+NEEDS.update({"overlap-gmem-gpa": "gmem", "flags-bit3-v2": "v2"})
+
+
 def _bad_params() -> list:
     out = []
     for name, fn, want, why in BAD:
         # kernel bugs these catch are recorded in known-issues.toml (strict xfail where they apply)
-        out.append(pytest.param(fn, want, why, id=name))
+        out.append(pytest.param(fn, want, why, NEEDS.get(name, ""), id=name))
     return out
 
 
@@ -302,10 +329,19 @@ def _refused(vm, call: Callable[[], Any], want: int, before: dict) -> KvmError:
     return e
 
 
-@pytest.mark.parametrize(("call", "want", "why"), _bad_params())
-def test_bad_input(ctx, call, want, why):
+def _require(ctx: Ctx, need: str) -> None:
+    if need == "gmem" and ctx.gm is None:
+        raise Unsupported(ctx.gmem_why or "no guest_memfd on this kernel")
+    if need == "v2" and ctx.vm.check_extension(Cap.USER_MEMORY2) < 1:
+        raise Unsupported(f"KVM_CAP_USER_MEMORY2 is {ctx.vm.check_extension(Cap.USER_MEMORY2)} on this kernel "
+                          "(needs >= 1): no KVM_SET_USER_MEMORY_REGION2")
+
+
+@pytest.mark.parametrize(("call", "want", "why", "need"), _bad_params())
+def test_bad_input(ctx, call, want, why, need):
     """A malformed request gets a KvmError naming the ioctl and the errno the API documents, and
     neither the harness's table nor the kernel's changes."""
+    _require(ctx, need)
     before = ctx.vm.memslot_snapshot()
     with pytest.raises(KvmError) as ei:
         call(ctx)
@@ -318,6 +354,7 @@ def test_bad_input(ctx, call, want, why):
 
 def test_guest_memfd_of_another_vm_still_binds_its_own(ctx):
     """The refusal above is about ownership, not the fd: the other VM binds its guest_memfd fine."""
+    _require(ctx, "gmem")
     other = ctx.other_gm.vm
     other.add_memslot(1 << 32, 2 << 20, slot=0, backing=ctx.other_gm)
     assert other.memslots[0].flags & KVM_MEM_GUEST_MEMFD

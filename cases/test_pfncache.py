@@ -13,7 +13,8 @@ punch), seeds the page mapped now with a marker version, and asks KVM for a cloc
 The race cases let a host thread invalidate over and over while the vCPU rewrites the MSR in a loop
 (each write is one clock update through the cache); kept old pages must stay untouched, the guest
 must never see a half-written struct after its own update, and the kernel log stays clean.
-Xen shared_info / vcpu_info pages use the same cache: they run where KVM_CAP_XEN_HVM exists.
+The same cache on private memory (a SW-protected VM): test_kvmclock_on_private_memory. Xen
+shared_info / vcpu_info / runstate use it too: cases/test_xen.py.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from dataclasses import dataclass, field
 import pytest
 
 from harness import memory
-from harness.kvm.caps import Cap
+from harness.kvm.caps import Cap, VmType
 from harness.kvm.errors import KvmError
 from harness.lib.guestvm import GuestVm
 from harness.lib.ucall import DONE, SYNC
 from harness.memory import PAGE_1G, PAGE_4K, Feature, hostmem
+from harness.memory.private import PrivateMemory, private_memory_reason
 from harness.oracles.kvmclock import guest_time, pvclock_update, untouched_page
 from harness.pytest import options
+from harness.unsupported import Unsupported
 from harness.x86.kvmclock import (
     KVM_CLOCK_TSC_STABLE,
     MSR_KVM_SYSTEM_TIME_NEW,
@@ -534,16 +537,83 @@ def test_kvmclock_race(kvm, clock_setup, kernel_health, request, record_property
     kernel_health.assert_healthy(where)
 
 
-# ---- Xen shared_info / vcpu_info --------------------------------------------------------------------
-@pytest.mark.parametrize("page", ["shared_info", "vcpu_info"])
-def test_xen_pages_after_invalidation(kvm, page):
-    """KVM writes the Xen shared_info (wallclock) and vcpu_info (pvclock) pages through the same
-    gfn_to_pfn_cache; the same invalidation oracles apply where KVM offers Xen emulation."""
-    have = kvm.check_extension(Cap.XEN_HVM)
-    if not have:
-        pytest.skip("KVM_CAP_XEN_HVM is 0 on this kernel: no Xen shared_info/vcpu_info pages to test")
-    pytest.skip(f"KVM_CAP_XEN_HVM = {have:#x}, but the Xen shared_info/vcpu_info cases are not "
-                "implemented yet (no kernel with Xen emulation was at hand to prove them)")
+# ---- private memory (seed 003) ----------------------------------------------------------------------
+# A SW-protected VM's kvmclock page on convertible memory (harness.memory.private): the gfn's
+# attribute says which side the guest reads, the shared side (userspace_addr) or the guest_memfd.
+# Whatever KVM writes must land on the side the guest reads now; a write into the side the page was
+# converted away from (or into a punched private page the guest no longer has) is the kind of
+# write the pfncache/guest_memfd invalidation patches are about.
+PRIVATE_METHODS = ("to-private", "to-shared", "punch-private", "punch-shared")
+
+
+def _private_clock(kvm, start_private: bool) -> tuple[GuestVm, PrivateMemory, Clock]:
+    why = private_memory_reason(kvm)
+    if why:
+        raise Unsupported(why)
+    vm = GuestVm(kvm, "kvmclock", "long64", vm_type=VmType.SW_PROTECTED)
+    try:
+        mem = PrivateMemory(vm, UNIT_4K)
+        vm.own(mem)
+        vm.add_memslot(GPA, UNIT_4K, slot=SLOT, backing=mem)
+        vm.map(GVA, GPA, UNIT_4K, PAGE_4K)
+        if start_private:
+            vm.set_private(GPA, UNIT_4K)
+        return vm, mem, Clock(vm)
+    except BaseException:
+        vm.close()
+        raise
+
+
+@pytest.mark.parametrize("method", PRIVATE_METHODS)
+@pytest.mark.kvm_timeout(60)
+def test_kvmclock_on_private_memory(kvm, kernel_health, method):
+    """Enable kvmclock with its page on one side, then convert it (to-private, to-shared) or punch
+    the side the guest reads (punch-private, punch-shared), then KVM_SET_CLOCK one second ahead and
+    let the guest read its pvclock. The side the guest no longer reads (or the side it never read)
+    must not change after the event; the guest must read either this update (even version, the new
+    system_time) or, on a private page KVM cannot write, nothing newer than before - never a struct
+    that KVM wrote elsewhere."""
+    start_private = method in ("to-shared", "punch-private")
+    vm, mem, c = _private_clock(kvm, start_private)
+    with vm:
+        c.cmd(1)  # enable: KVM_REQ_GLOBAL_CLOCK_UPDATE, written on the next entry
+        before = Pvclock.from_sync(c.cmd(2))
+        if method == "to-private":
+            vm.set_private(GPA, UNIT_4K)
+        elif method == "to-shared":
+            vm.set_shared(GPA, UNIT_4K)
+        elif method == "punch-private":
+            mem.punch_hole(0, UNIT_4K)
+        else:
+            mem.punch_shared(0, UNIT_4K)
+        private_now = method in ("to-private", "punch-private")
+        shared_after_event = mem.read(0, PAGE_4K)
+        lo = vm.get_clock() + 1_000_000_000
+        vm.set_clock(lo)
+        args = c.cmd(2)
+        hi = vm.get_clock()
+        guest = Pvclock.from_sync(args)
+        shared_now = mem.read(0, PAGE_4K)
+        host = Pvclock.parse(shared_now[PV_OFF:])
+        where = (f"{method}: pvclock at GPA {GPA + PV_OFF:#x}, the guest reads the "
+                 f"{'private (guest_memfd)' if private_now else 'shared'} side now")
+        probs: list[str] = []
+        if private_now:
+            # the shared side is no longer the guest's: KVM must not write the update there
+            v = untouched_page(shared_after_event, shared_now, base=GPA,
+                               what="shared page (the side the guest no longer reads)")
+            probs += [f"{p} (shared side now holds {host.describe()})" for p in v.problems]
+            wrote = guest.version not in (0, before.version) or guest.system_time != before.system_time
+            if wrote:
+                probs += pvclock_update(0, guest, clock_lo=lo, clock_hi=hi).problems
+        else:
+            probs += pvclock_update(0, host, clock_lo=lo, clock_hi=hi).problems
+            if (guest.version, guest.system_time) != (host.version, host.system_time):
+                probs.append(f"the guest reads {guest.describe()}, the shared page it reads holds {host.describe()}")
+        assert not probs, (f"{where}:\n  " + "\n  ".join(probs)
+                           + f"\n  guest before: {before.describe()}\n  guest after: {guest.describe()}")
+        c.done()
+    kernel_health.assert_healthy(f"kvmclock on private memory, {method}")
 
 
 def test_kvmclock_slot_move_refused_for_guest_memfd(kvm, clock_setup):

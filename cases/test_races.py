@@ -2,7 +2,8 @@
 
 vCPUs run guests/payloads/race_toucher.c over one memslot of a backing while a host thread mutates
 the backing (munmap+mmap, madvise, fallocate punch, mprotect, memslot delete/re-add/move,
-KVM_PRE_FAULT_MEMORY). Each case names the oracles it checks:
+KVM_PRE_FAULT_MEMORY, private <-> shared conversions of a SW-protected VM's memory). Each case
+names the oracles it checks:
 
   stale     no guest read returns an older generation than it had seen published (per-page seqlock)
   ro-write  no guest write lands in a page after mprotect(PROT_READ) returned
@@ -10,6 +11,7 @@ KVM_PRE_FAULT_MEMORY). Each case names the oracles it checks:
   released  after the race the disruptor's own release empties the object and frees the memory
   kernel    no new WARN/BUG/Oops/KASAN/lockdep record or taint during the case
   overlap   host operations really ran while vCPUs were inside KVM_RUN (measured per op)
+  memory-fault  (private memory) every KVM_EXIT_MEMORY_FAULT names whole pages of the region
   kvmclock  (cases marked -kvmclock) every KVM_SET_CLOCK's pvclock update reaches the page the host
             maps where the vCPUs' kvmclocks live, while that page is punched/zapped: KVM writes it
             through its gfn_to_pfn_cache, which every invalidation must refresh
@@ -31,7 +33,8 @@ from harness.race.disruptors import DISRUPTORS
 
 BASE = ("stale", "progress", "kernel", "overlap")
 EXTRA = {"mprotect": ("ro-write",), "punch": ("released",), "dontneed": ("released",),
-         "partial-thp": ("released",)}
+         "partial-thp": ("released",), "convert": ("memory-fault",), "punch-private": ("memory-fault",)}
+PRIVATE_DISRUPTORS = ("convert", "punch-private")  # only on convertible memory (a SW-protected VM)
 
 
 def oracles(disruptor: str, clock: bool = False) -> tuple[str, ...]:
@@ -81,6 +84,10 @@ CASES = [
     case("punch", "shmem", 2, clock=True), case("punch", "guest_memfd", 2, clock=True),
     case("punch", "hugetlb-2m", 1, M2, clock=True), case("dontneed", "anon", 2, clock=True),
     case("partial-thp", "anon-thp", 2, M2, clock=True),
+    # private memory (SW-protected VMs, seeds 001/003): conversions and private-side punches under the
+    # vCPUs; skips with the reason on kernels without KVM_X86_SW_PROTECTED_VM
+    case("convert", "private", 1), case("convert", "private", 2), case("convert", "private", 2, M2),
+    case("convert+punch-private", "private", 2), case("convert+slot-readd", "private", 2),
 ]
 
 
@@ -98,7 +105,8 @@ def test_race(race, disruptor, kind, vcpus, page, clock):
 def _soak_params() -> list:
     out = []
     for d in DISRUPTORS:
-        for kind in memory.names():
+        private = d in PRIVATE_DISRUPTORS
+        for kind in memory.names(require=memory.Feature.PRIVATE) if private else memory.names():
             kp = memory.kind(kind).page_size
             page = M2 if kp in (PAGE_2M, PAGE_1G) else M4
             out.append(pytest.param(d, kind, page, id=f"{d}-{kind}"))

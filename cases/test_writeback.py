@@ -169,6 +169,8 @@ def test_truncate_under_guest(memtouch, backings, kernel_health, record_property
             faults.append(("mmio", ex.phys_addr))
             v.complete_mmio(0)
             raise _Faulted("mmio", ex.phys_addr)
+        if isinstance(ex, MemoryFault):
+            raise _Faulted(f"KVM_RUN {errno.errorcode.get(ex.errno, ex.errno)} + KVM_EXIT_MEMORY_FAULT", ex.gpa)
         return False
 
     def reader() -> None:
@@ -187,11 +189,8 @@ def test_truncate_under_guest(memtouch, backings, kernel_health, record_property
                         return
         except _Faulted as f:
             state["fault"] = (f.how, f.gpa)
-        except KvmError as e:
-            run = vcpu.kvm_run
-            gpa = run.memory_fault.gpa if run.exit_reason == MemoryFault.reason else -1
-            state["fault"] = (f"KVM_RUN {errno.errorcode.get(e.errno, e.errno)}"
-                              + (" + KVM_EXIT_MEMORY_FAULT" if gpa >= 0 else ""), gpa)
+        except KvmError as e:  # an EFAULT without a memory-fault exit
+            state["fault"] = (f"KVM_RUN {errno.errorcode.get(e.errno, e.errno)}", -1)
         except BaseException as e:
             state["error"] = e
 

@@ -100,6 +100,22 @@ def test_report_overlap_oracle():
     assert [v.ok for v in rep.verdicts(("overlap",))] == [True]
 
 
+def test_memory_fault_oracle_names_stray_exits():
+    from harness.race.region import GPA_A, GPA_B
+
+    win = ((GPA_A, GPA_A + (2 << 20)), (GPA_B, GPA_B + (2 << 20)))
+    assert O.stray_fault(GPA_A + 0x3000, 0x1000, win) is None
+    assert O.stray_fault(GPA_B, 1 << 21, win) is None
+    assert "not aligned" in O.stray_fault(GPA_A + 0x3008, 0x1000, win)
+    assert "not a page size" in O.stray_fault(GPA_A, 0x3000, win)
+    assert "outside the raced region" in O.stray_fault(GPA_A + (2 << 20), 0x1000, win)
+    rep = RaceReport(RaceSpec("private", ("convert",)), host_ops={"convert": 5}, overlapped_ops=5,
+                     memory_faults=3, stray_faults=["vcpu 1: MEMORY_FAULT(gpa=0x10, ...): outside"])
+    fails = rep.failures(("memory-fault",))
+    assert len(fails) == 1 and "1 of 3 KVM_EXIT_MEMORY_FAULT" in fails[0] and "vcpu 1" in fails[0]
+    assert rep.failures(("stale",)) == []
+
+
 def test_released_names_what_stayed():
     v = O.released(O.Release("madvise(MADV_DONTNEED)", "mincore", (0x4000, 0), rss_anon=(0x9000, 0x8000)))
     assert not v.ok and len(v.problems) == 1

@@ -373,12 +373,82 @@ struct kvm_run {
 };
 """
 
+# ---- Xen HVM emulation (KVM_CAP_XEN_HVM) -------------------------------------------------------------
+# Added for harness/x86/xen.py; a block of its own so it reads apart from the structs above. Layouts
+# from upstream's uapi (arch/x86/include/uapi/asm/kvm.h since the Xen structs moved there; earlier
+# include/uapi/linux/kvm.h); struct kvm_xen_hvm_config is above. tests/test_xen_uapi.py pins them.
+UAPI += r"""
+struct kvm_xen_hvm_attr {
+    uint16_t type;
+    uint16_t pad[3];
+    union {
+        uint8_t long_mode;
+        uint8_t vector;
+        uint8_t runstate_update_flag;
+        union {
+            uint64_t gfn;
+            uint64_t hva;
+        } shared_info;
+        struct {
+            uint32_t send_port;
+            uint32_t type;
+            uint32_t flags;
+            union {
+                struct {
+                    uint32_t port;
+                    uint32_t vcpu;
+                    uint32_t priority;
+                } port;
+                struct {
+                    uint32_t port;
+                    int32_t fd;
+                } eventfd;
+                uint32_t padding[4];
+            } deliver;
+        } evtchn;
+        uint32_t xen_version;
+        uint64_t pad[8];
+    } u;
+};
+
+struct kvm_xen_vcpu_attr {
+    uint16_t type;
+    uint16_t pad[3];
+    union {
+        uint64_t gpa;
+        uint64_t hva;
+        uint64_t pad[8];
+        struct {
+            uint64_t state;
+            uint64_t state_entry_time;
+            uint64_t time_running;
+            uint64_t time_runnable;
+            uint64_t time_blocked;
+            uint64_t time_offline;
+        } runstate;
+        uint32_t vcpu_id;
+        struct {
+            uint32_t port;
+            uint32_t priority;
+            uint64_t expires_ns;
+        } timer;
+        uint8_t vector;
+    } u;
+};
+
+struct kvm_irq_routing_xen_evtchn {
+    uint32_t port;
+    uint32_t vcpu;
+    uint32_t priority;
+};
+"""
+
 # Helpers compiled into the extension. They return -errno instead of setting errno so that the
 # Python side needs no second call to learn why an ioctl failed.
 HELPERS_DECL = r"""
 long kh_ioctl_ptr(int fd, unsigned long req, void *arg);
 long kh_ioctl_int(int fd, unsigned long req, unsigned long arg);
-int kh_run(int fd);
+int kh_run(int fd, uint32_t *exit_reason);
 int kh_install_kick_handler(void);
 int kh_kick_signal(void);
 
@@ -417,8 +487,11 @@ long kh_ioctl_int(int fd, unsigned long req, unsigned long arg)
     return rc < 0 ? -errno : rc;
 }
 
-int kh_run(int fd)
+int kh_run(int fd, uint32_t *exit_reason)
 {
+    /* KVM fills exit_reason on an error return only for KVM_EXIT_MEMORY_FAULT (api.rst: "stale/
+     * undefined for all other error numbers"): clear it so a stale reason is never decoded. */
+    *exit_reason = 0;
     return ioctl(fd, KH_KVM_RUN, 0) < 0 ? -errno : 0;
 }
 

@@ -77,6 +77,13 @@ GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 
+
+class MemoryAttributes(enum.IntFlag):
+    """KVM_SET_MEMORY_ATTRIBUTES bits (KVM_CAP_MEMORY_ATTRIBUTES is the mask a VM supports)."""
+
+    SHARED = 0  # no bit set: the gfn is shared, served from the slot's userspace_addr
+    PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE  # served from the slot's guest_memfd
+
 # ioeventfd flags
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1

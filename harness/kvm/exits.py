@@ -7,6 +7,7 @@ keep them after the next KVM_RUN has overwritten the shared kvm_run page.
 from __future__ import annotations
 
 import enum
+import errno as _errno
 from typing import Any
 
 from harness.kvm._cffi import ffi
@@ -168,18 +169,32 @@ class InternalError(Exit):
         return f"INTERNAL_ERROR(suberror={name}, data=[{', '.join(hex(d) for d in self.data)}])"
 
 
-class MemoryFault(Exit):
-    __slots__ = ("flags", "gpa", "size")
-    reason = ExitReason.MEMORY_FAULT
+_ERRNAMES = {133: "EHWPOISON"}  # Linux errnos Python's errno module does not name
 
-    def __init__(self, flags: int, gpa: int, size: int) -> None:
+
+class MemoryFault(Exit):
+    """KVM_EXIT_MEMORY_FAULT: KVM could not resolve a guest access to [gpa, gpa+size) and hands it
+    to userspace (KVM_RUN returned -1 with errno EFAULT or EHWPOISON). flags & PRIVATE: the access
+    was to private memory (the range's attributes said private, or the fault was private)."""
+
+    __slots__ = ("errno", "flags", "gpa", "size")
+    reason = ExitReason.MEMORY_FAULT
+    FLAG_PRIVATE = 1 << 3  # KVM_MEMORY_EXIT_FLAG_PRIVATE
+
+    def __init__(self, flags: int, gpa: int, size: int, errno: int = 14) -> None:
         self.flags = flags
         self.gpa = gpa
         self.size = size
+        self.errno = errno  # EFAULT (14) or EHWPOISON (133)
 
     @property
     def private(self) -> bool:
-        return bool(self.flags & (1 << 3))
+        return bool(self.flags & self.FLAG_PRIVATE)
+
+    def describe(self) -> str:
+        flags = f"{self.flags:#x}" + (" PRIVATE" if self.private else "")
+        return (f"MEMORY_FAULT(gpa={self.gpa:#x}, size={self.size:#x}, flags={flags}, "
+                f"errno={_ERRNAMES.get(self.errno) or _errno.errorcode.get(self.errno, self.errno)})")
 
 
 class SystemEvent(Exit):

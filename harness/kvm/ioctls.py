@@ -111,6 +111,14 @@ _def("KVM_SET_VCPU_EVENTS", _W, 0xA0, "struct kvm_vcpu_events", "vcpu")
 _def("KVM_KVMCLOCK_CTRL", _IOC_NONE, 0xAD, None, "vcpu")
 _def("KVM_PRE_FAULT_MEMORY", _RW, 0xD5, "struct kvm_pre_fault_memory", "vcpu")
 
+# ---- Xen HVM emulation (KVM_CAP_XEN_HVM; the typed API is harness/x86/xen.py) --------------------------
+# A block of its own: added with the kvm_xen_* structs in _cdefs.py. KVM_XEN_HVM_CONFIG is above.
+_def("KVM_XEN_HVM_GET_ATTR", _RW, 0xC8, "struct kvm_xen_hvm_attr", "vm")
+_def("KVM_XEN_HVM_SET_ATTR", _W, 0xC9, "struct kvm_xen_hvm_attr", "vm")
+_def("KVM_XEN_VCPU_GET_ATTR", _RW, 0xCA, "struct kvm_xen_vcpu_attr", "vcpu")
+_def("KVM_XEN_VCPU_SET_ATTR", _W, 0xCB, "struct kvm_xen_vcpu_attr", "vcpu")
+_def("KVM_XEN_HVM_EVTCHN_SEND", _W, 0xD0, "struct kvm_irq_routing_xen_evtchn", "vm")
+
 globals().update({name: io.number for name, io in IOCTLS.items()})
 
 

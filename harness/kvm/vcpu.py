@@ -36,6 +36,9 @@ _Io = exits.Io
 KVM_RUN_IO_HEAD = struct.Struct("<8xI20xBBHIQ")
 _IO_HEAD = KVM_RUN_IO_HEAD.unpack_from
 _EINTR = -errno.EINTR
+_EFAULT = -errno.EFAULT
+_EHWPOISON = -133  # EHWPOISON (Linux; Python's errno module lacks it)
+_MEMORY_FAULT = exits.ExitReason.MEMORY_FAULT
 
 
 class OwningVm(Protocol):
@@ -76,6 +79,7 @@ class Vcpu:
         self.kvm_run: Any = ffi.cast("struct kvm_run *", self._run_buf)
         self._run = self.kvm_run
         self._buf = ffi.buffer(self._run_buf)
+        self._exit_reason_p = ffi.addressof(self._run, "exit_reason")  # kh_run clears it
         # the watchdog's interface (harness.kvm.watchdog.Bounded), read from its own thread
         self.run_thread = 0
         self.expired: str | None = None
@@ -102,11 +106,15 @@ class Vcpu:
         return self.run_thread != 0
 
     def run(self) -> Exit:
-        """One KVM_RUN; returns the decoded exit (Intr after a signal). Bounded by the watchdog."""
+        """One KVM_RUN; returns the decoded exit (Intr after a signal). Bounded by the watchdog.
+
+        KVM_EXIT_MEMORY_FAULT, the one exit that comes with an error (-1, errno EFAULT or
+        EHWPOISON), is returned as a MemoryFault like any other exit; every other error raises
+        KvmError."""
         if self.expired is not None:
             raise self._timeout()
         self.run_thread = _get_ident()
-        rc = _kh_run(self.fd)
+        rc = _kh_run(self.fd, self._exit_reason_p)
         self.run_thread = 0
         self.exit_count += 1
         if rc:
@@ -114,6 +122,9 @@ class Vcpu:
                 if self.expired is not None:
                     raise self._timeout()
                 return exits._INTR
+            if rc in (_EFAULT, _EHWPOISON) and self._run.exit_reason == _MEMORY_FAULT:
+                f = self._run.memory_fault
+                return exits.MemoryFault(f.flags, f.gpa, f.size, -rc)
             raise KvmError(-rc, "KVM_RUN", f"vcpu={self.id}")
         # PIO (ucalls, the benchmark loop) is the hot exit: one struct unpack of the mapping costs
         # less than five cffi field reads through the union

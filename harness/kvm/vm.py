@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from harness.kvm._cffi import ffi
-from harness.kvm.caps import KVM_MEM_GUEST_MEMFD, Cap
+from harness.kvm.caps import KVM_MEM_GUEST_MEMFD, Cap, MemoryAttributes
 from harness.kvm.checks import check_size, check_uint, closed_class
 from harness.kvm.dirty import bitmap_pages, pages_bitmap
 from harness.kvm.errors import BadInput, ClosedError, HarnessError
@@ -354,6 +354,28 @@ class Vm:
         g.flags = flags
         return kvm_ioctl(self.fd, "KVM_CREATE_GUEST_MEMFD", g, lambda: f"size={size:#x}, flags={flags:#x}")
 
+    def set_memory_attributes(self, gpa: int, size: int, attributes: int = MemoryAttributes.SHARED,
+                              flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES on [gpa, gpa+size): PRIVATE makes guest accesses go to the
+        slot's guest_memfd, SHARED (0) to its userspace_addr. The raw ioctl: alignment, unknown bits
+        and flags are the kernel's EINVALs to give (cases pass bad ones on purpose)."""
+        w = "KVM_SET_MEMORY_ATTRIBUTES"
+        a = ffi.new("struct kvm_memory_attributes *")
+        a.address = check_uint(w, "gpa", gpa, 64)
+        a.size = check_uint(w, "size", size, 64)
+        a.attributes = check_uint(w, "attributes", int(attributes), 64)
+        a.flags = check_uint(w, "flags", flags, 64)
+        kvm_ioctl(self.fd, w, a, lambda: f"gpa={gpa:#x}, size={size:#x}, attributes={_attrs(attributes)}, "
+                  f"flags={flags:#x}")
+
+    def set_private(self, gpa: int, size: int) -> None:
+        """Convert [gpa, gpa+size) to private (KVM_SET_MEMORY_ATTRIBUTES PRIVATE)."""
+        self.set_memory_attributes(gpa, size, MemoryAttributes.PRIVATE)
+
+    def set_shared(self, gpa: int, size: int) -> None:
+        """Convert [gpa, gpa+size) to shared (KVM_SET_MEMORY_ATTRIBUTES 0)."""
+        self.set_memory_attributes(gpa, size, MemoryAttributes.SHARED)
+
     def ioeventfd(self, addr: int, length: int, fd: int, flags: int = 0, datamatch: int = 0) -> None:
         w = "KVM_IOEVENTFD"
         if not isinstance(fd, int) or not 0 <= fd < 1 << 31:
@@ -501,6 +523,12 @@ class Vm:
         if self.__dict__.get("closed") is False:
             return f"<{type(self).__name__} fd={self.fd}, {len(self.memslots)} memslots, {len(self.vcpus)} vcpus>"
         return f"<{self._closed_what()} closed>"
+
+
+def _attrs(a: int) -> str:
+    names = [m.name for m in MemoryAttributes if m and a & m]
+    rest = a & ~sum(int(m) for m in MemoryAttributes)
+    return "|".join([*(n or "" for n in names), *([f"{rest:#x}"] if rest else [])]) or "SHARED"
 
 
 def _try(fn: Any, errors: list[BaseException]) -> None:

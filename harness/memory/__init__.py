@@ -9,7 +9,9 @@
 
 Kinds: anon, anon-shared, anon-thp, shmem, tmpfs, hugetlb-2m, hugetlb-1g (memfd MFD_HUGETLB),
 hugetlbfs-2m, hugetlbfs-1g (file on a hugetlbfs mount), guest_memfd (KVM_CREATE_GUEST_MEMFD with
-MMAP|INIT_SHARED), file (ext4 on a loop device), file-hostfs (the machine's own filesystem).
+MMAP|INIT_SHARED), file (ext4 on a loop device), file-hostfs (the machine's own filesystem), and
+private (harness.memory.private: a guest_memfd private side + anonymous shared side, for
+SW-protected VMs; names() lists it only with require=Feature.PRIVATE).
 Pytest fixtures that reserve hugepages and skip with the reason live in harness.pytest.memory.
 """
 
@@ -39,6 +41,7 @@ from harness.memory.backings import (
 )
 from harness.memory.hugepages import PAGE_1G, PAGE_2M, HugepagePool, HugepagesUnavailable, pages_for
 from harness.memory.mounts import Mounts
+from harness.memory.private import PrivateMemory
 
 if TYPE_CHECKING:
     from harness.kvm.vm import Vm
@@ -100,6 +103,8 @@ KINDS: dict[str, BackingKind] = {
                     lambda s, v, m: HugetlbfsBacking(s, PAGE_1G, m)),
         BackingKind("guest_memfd", GuestMemfdBacking, PAGE_4K, GuestMemfdBacking.features,
                     lambda s, v, m: GuestMemfdBacking(s, _needs_vm("guest_memfd", v))),
+        BackingKind("private", PrivateMemory, PAGE_4K, PrivateMemory.features,
+                    lambda s, v, m: PrivateMemory(_needs_vm("private", v), s)),
         BackingKind("file", FileBacking, PAGE_4K, FileBacking.features, lambda s, v, m: FileBacking(s, m)),
         BackingKind("file-hostfs", HostFileBacking, PAGE_4K, HostFileBacking.features,
                     lambda s, v, m: HostFileBacking(s, m)),
@@ -110,7 +115,10 @@ KINDS: dict[str, BackingKind] = {
 def names(*, require: Feature = Feature.NONE, exclude: Feature = Feature.NONE,
           page_sizes: tuple[int, ...] | None = None) -> list[str]:
     """Registered kinds that have every `require` feature, none of `exclude`, and (if given) one of
-    `page_sizes` as their page size."""
+    `page_sizes` as their page size. PRIVATE kinds (a SW-protected VM's convertible memory) only
+    when `require` names PRIVATE: an ordinary case's VM cannot use them."""
+    if Feature.PRIVATE not in require:
+        exclude |= Feature.PRIVATE
     return [
         k.name for k in KINDS.values()
         if require in k.features and not (exclude & k.features)

@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 from harness import backends as backend
 from harness import memory
 from harness.health import case as case_health
+from harness.kvm.caps import VmType
 from harness.kvm.errors import HarnessError, KvmError
 from harness.kvm.stats import delta as stats_delta
 from harness.kvm.watchdog import WATCHDOG
 from harness.lib.guestvm import GuestVm
 from harness.memory import PAGE_2M, PAGE_4K, Feature
+from harness.memory.private import private_memory_reason
 from harness.race import clock
 from harness.race import oracles as O
 from harness.race import protocol as P
@@ -88,7 +90,13 @@ class Race:
     # ---- set-up --------------------------------------------------------------------------------
     def _setup(self, k: memory.BackingKind, make_backing: MakeBacking) -> None:
         spec = self.spec
-        self.vm = vm = GuestVm(self.kvm, "race_toucher", "long64", nr_vcpus=spec.vcpus)
+        vm_type = VmType.DEFAULT
+        if Feature.PRIVATE in k.features:  # convertible memory lives in a SW-protected VM
+            why = private_memory_reason(self.kvm)
+            if why:
+                raise RaceUnsupported(f"{spec.kind}: {why}")
+            vm_type = VmType.SW_PROTECTED
+        self.vm = vm = GuestVm(self.kvm, "race_toucher", "long64", nr_vcpus=spec.vcpus, vm_type=vm_type)
         classes = [DISRUPTORS[d] for d in spec.disruptors]
         for c in classes:
             why = c.unsupported(spec.kind, k.features, self.kind_page, vm)
@@ -313,6 +321,7 @@ class Race:
             rep.writes += c["writes"]
             rep.efault += g.efault
             rep.memory_faults += g.memory_faults
+            rep.stray_faults += g.stray_faults
             rep.mmio_reads += g.mmio_reads
             rep.mmio_writes += g.mmio_writes
             if g.error is not None and not (rep.stalls and "watchdog" in str(g.error)):

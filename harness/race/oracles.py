@@ -45,6 +45,27 @@ def ro_write(count: int, landed: Sequence[P.LandedWrite]) -> Verdict:
     return Verdict.of("ro-write", problems, landed_ro_writes=count)
 
 
+def stray_fault(gpa: int, size: int, windows: Sequence[tuple[int, int]]) -> str | None:
+    """Why a KVM_EXIT_MEMORY_FAULT is not one the race can cause (None: it is): it must name
+    whole pages (4 KiB, 2 MiB or 1 GiB, aligned) inside the region, where the guest accesses."""
+    if size not in (1 << 12, 1 << 21, 1 << 30):
+        return f"size {size:#x} is not a page size"
+    if gpa % size:
+        return f"gpa {gpa:#x} is not aligned to the exit's size"
+    if not any(lo <= gpa and gpa + size <= hi for lo, hi in windows):
+        return "outside the raced region (" + ", ".join(f"[{lo:#x}, {hi:#x})" for lo, hi in windows) + ")"
+    return None
+
+
+def memory_faults(count: int, stray: Sequence[str]) -> Verdict:
+    """Every memory-fault exit names exactly a page of the region (stray_fault())."""
+    problems = []
+    if stray:
+        problems.append(f"memory-fault: {len(stray)} of {count} KVM_EXIT_MEMORY_FAULT exits named no page of "
+                        "the region:\n" + "\n".join("    " + s for s in stray[:MAX_DETAILS]))
+    return Verdict.of("memory-fault", problems, memory_fault_exits=count, stray_memory_faults=len(stray))
+
+
 def progress(stalls: Sequence[str]) -> Verdict:
     """Every vCPU completed its sweeps within the bound (`stalls`: describe_stall() texts)."""
     return Verdict.of("progress", [f"progress: {s}" for s in stalls])

@@ -101,6 +101,10 @@ class Region:
         self.loc = loc
         self.ctrl[2] = loc
 
+    def windows(self) -> tuple[tuple[int, int], ...]:
+        """The GPA ranges [start, end) where the region may be (its slot at GPA_A, or GPA_B)."""
+        return ((GPA_A, GPA_A + self.size), (GPA_B, GPA_B + self.size))
+
     def pages_of(self, off: int, length: int) -> tuple[int, int]:
         """Tag indices [p0, p1) inside [off, off+length)."""
         s = self.stride

@@ -30,6 +30,7 @@ class RaceReport:
     writes: int = 0
     efault: int = 0
     memory_faults: int = 0
+    stray_faults: list[str] = field(default_factory=list)  # memory-fault exits naming no page of the region
     mmio_reads: int = 0
     mmio_writes: int = 0
     violation_count: int = 0
@@ -82,6 +83,8 @@ class RaceReport:
             out.append(O.ro_write(self.landed_count, self.landed))
         if "progress" in oracles:
             out.append(O.progress(self.stalls))
+        if "memory-fault" in oracles:
+            out.append(O.memory_faults(self.memory_faults, self.stray_faults))
         if "kvmclock" in oracles:
             out.append(O.kvmclock(self.clock_misses))
         if "released" in oracles:

@@ -9,7 +9,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from harness.kvm.errors import KvmError
-from harness.kvm.exits import Intr, Io, Mmio
+from harness.kvm.exits import Intr, Io, MemoryFault, Mmio
 from harness.lib.failures import UnexpectedExitError
 from harness.lib.ucall import DONE, PRINTF, SYNC, UCALL_PORT, read_ucall
 from harness.race import oracles as O
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from harness.race.report import RaceReport
 
 MMIO_POISON = P.MMIO_POISON  # what a read of a GPA with no usable memory returns ("mmio")
-KVM_EXIT_MEMORY_FAULT = 39
 
 
 class VcpuThread:
@@ -38,6 +37,7 @@ class VcpuThread:
         self.native_tid = 0
         self.efault = 0  # KVM_RUN -EFAULT (upstream's answer to a write to PROT_READ / unmapped hva)
         self.memory_faults = 0  # ... of which carried KVM_EXIT_MEMORY_FAULT
+        self.stray_faults: list[str] = []  # memory-fault exits not at a page of the region (oracle)
         self.mmio_reads = 0  # kvm_pvm's answer (and a memslot gap's, everywhere)
         self.mmio_writes = 0
         self.intr = 0
@@ -80,10 +80,16 @@ class VcpuThread:
                         # upstream: an access the host mapping forbids (PROT_READ, unmapped);
                         # retry: the disruptor restores it
                         self.efault += 1
-                        if v.kvm_run.exit_reason == KVM_EXIT_MEMORY_FAULT:
-                            self.memory_faults += 1
                         continue
                     t = type(ex)
+                    if t is MemoryFault:
+                        # the same refusal with the exit filled in (KVM_RUN -EFAULT + MEMORY_FAULT)
+                        self.efault += 1
+                        self.memory_faults += 1
+                        why = O.stray_fault(ex.gpa, ex.size, self.mem.windows())
+                        if why:
+                            self.stray_faults.append(f"vcpu {self.index}: {ex.describe()}: {why}")
+                        continue
                     if t is Io and ex.port == UCALL_PORT:
                         uc = read_ucall(v, ex)
                         if uc.cmd == SYNC and uc.args and uc.args[0] == P.VIOLATION:

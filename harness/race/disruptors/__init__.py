@@ -17,6 +17,7 @@ start (the kernel refuses it: e.g. MADV_PAGEOUT on hugetlb), both turned into sk
     base.py  HostContext, Disruptor (schedule, seqlock brackets, counters)
     host.py  the host mapping and backing: remap, dontneed, partial-thp, pageout, cold, punch, mprotect
     kvm.py   KVM's side: slot-readd, slot-move, prefault
+    private.py  convertible memory (SW-protected VMs): convert, punch-private
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from __future__ import annotations
 from harness.race.disruptors.base import Disruptor, HostContext
 from harness.race.disruptors.host import Cold, Madvise, Mprotect, Pageout, PartialThp, Punch, Remap
 from harness.race.disruptors.kvm import Prefault, SlotMove, SlotReadd
+from harness.race.disruptors.private import Convert, PunchPrivate
 
 DISRUPTORS: dict[str, type[Disruptor]] = {
     d.name: d for d in (Remap, Madvise, PartialThp, Pageout, Cold, Punch, Mprotect, SlotReadd, SlotMove,
-                        Prefault)
+                        Prefault, Convert, PunchPrivate)
 }
 
-__all__ = ["DISRUPTORS", "Cold", "Disruptor", "HostContext", "Madvise", "Mprotect", "Pageout", "PartialThp",
-           "Prefault", "Punch", "Remap", "SlotMove", "SlotReadd"]
+__all__ = ["DISRUPTORS", "Cold", "Convert", "Disruptor", "HostContext", "Madvise", "Mprotect", "Pageout", "PartialThp",
+           "Prefault", "Punch", "PunchPrivate", "Remap", "SlotMove", "SlotReadd"]

@@ -140,6 +140,8 @@ class Punch(Disruptor):
     def unsupported(cls, kind: str, features: Feature, kind_page: int, vm: Vm) -> str | None:
         if Feature.FD not in features and kind != "anon-shared":
             return f"{kind} has no file to punch a hole in (its release is MADV_DONTNEED: the dontneed disruptor)"
+        if Feature.PRIVATE in features:
+            return "the private side of convertible memory is punched by punch-private (pages are shared at rest)"
         return None
 
     def prepare(self) -> None:
