@@ -3,6 +3,7 @@
 #   make kernel-test                  # no KERNEL: Debian's packaged kernel, fetched into the cache
 #   make kernel-fetch                 # Debian's $(DEBIAN_KERNEL) (default debian:6.1) into $(KERNEL_CACHE)
 #   make kernel-smoke                 # fetch, then the runner's real-boot tests (tests/test_kernel_runner.py)
+#   make kvm-build [KVM_BUILD=debian:7.3.4+KVM_SW_PROTECTED_VM=y]   # KVM rebuilt with options, cached
 # Under `git bisect run` call `python -m harness kernel` itself: make turns every failing recipe into
 # exit 2, which would lose the 125 (cannot test) answer.
 
@@ -43,3 +44,13 @@ MATRIX_KERNELS ?= host,debian:6.1,debian:6.12,debian:7.2,debian:7.3
 .PHONY: matrix
 matrix: setup
 	$(PY) -m harness matrix --kernels $(MATRIX_KERNELS) --check-known-issues -- $(CASES)
+
+# A packaged kernel with kvm.ko, kvm-amd.ko, kvm-intel.ko rebuilt from Debian's sources with KVM options
+# (harness/qemu/kvmbuild.py, docs/kernel-runner.md): debootstrap + make in a chroot under .cache/chroots/,
+# the result in .cache/kvm-builds/; about 5 min the first time, a cache hit after. Then
+#   make kernel-test KERNEL=$(KVM_BUILD)   or   --kernel $(KVM_BUILD) / --kernels ...,$(KVM_BUILD)
+KVM_BUILD ?= debian:7.3.4+KVM_SW_PROTECTED_VM=y
+KVM_BUILD_ARGS ?=
+.PHONY: kvm-build
+kvm-build: venv
+	$(PY) -m harness kernel build-kvm $(KVM_BUILD) $(KVM_BUILD_ARGS)

@@ -1,7 +1,8 @@
 """`python -m harness kernel ...`: another kernel under QEMU, by path or by name.
 
-    kernel [run] --kernel PATH|debian:VER [--modules DIR] [--cpus N] [--mem SIZE] -- <pytest args>
+    kernel [run] --kernel PATH|debian:VER[+NAME=VALUE...] [--modules DIR] [--cpus N] [--mem SIZE] -- <pytest args>
     kernel fetch debian:7.3.4 [debian:6.12 ...] [--link NAME]
+    kernel build-kvm debian:7.3.4 --config KVM_SW_PROTECTED_VM=y [--config NAME=VALUE ...] [--jobs N] [--rebuild]
     kernel list [--refresh] [--json]
     kernel bisect --good debian:6.12.117 --bad debian:7.3.4 -- <pytest args>
 
@@ -9,7 +10,9 @@
 and exits in `git bisect run` codes: 0 pass, 1 a case failed, 125 cannot test; a kernel that does
 not reach /init within --boot-timeout exits with --boot-failure's code (skip = 125, bad = 1).
 `--kernel debian:VER` fetches Debian's package (harness/qemu/debian.py) and uses its modules.
-See docs/kernel-runner.md and harness/qemu/.
+`--kernel debian:7.3.4+KVM_SW_PROTECTED_VM=y` is that kernel with kvm.ko, kvm-amd.ko and kvm-intel.ko
+rebuilt from Debian's sources with the option (harness/qemu/kvmbuild.py), built on first use and
+cached; `build-kvm` builds one ahead. See docs/kernel-runner.md and harness/qemu/.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import json
 import sys
 from pathlib import Path
 
-from harness.qemu import debian, runner
+from harness.kvm.errors import HarnessError
+from harness.qemu import debian, kvmbuild, runner
 from harness.qemu import version_bisect as vb
 
 _CODES = {"skip": runner.SKIP, "bad": runner.BAD}
-ACTIONS = ("run", "fetch", "list", "bisect")
+ACTIONS = ("run", "fetch", "build-kvm", "list", "bisect")
 RAW_ARGS = True  # harness/__main__.py hands us argv after "kernel": the actions parse their own
 
 
@@ -39,7 +43,8 @@ def add_run_options(p: argparse.ArgumentParser, kernel_required: bool = True) ->
     """The runner's options (shared by `kernel run`, `kernel bisect` and `matrix`)."""
     if kernel_required:
         p.add_argument("--kernel", required=True, help="bzImage, vmlinux (PVH), a distribution vmlinuz, "
-                       "or a packaged kernel's name (debian:7.3.4, debian:6.12, debian:latest)")
+                       "or a packaged kernel's name (debian:7.3.4, debian:6.12, debian:latest), optionally with "
+                       "KVM rebuilt (debian:7.3.4+KVM_SW_PROTECTED_VM=y)")
         p.add_argument("--modules", type=Path, help="where the kernel's .ko files are (searched recursively; default: "
                        "lib/modules/VER beside boot/vmlinuz-VER, or the build tree holding the image)")
     p.add_argument("--cpus", type=int, default=None,
@@ -82,7 +87,11 @@ def run_config(args: argparse.Namespace, kernel: Path, modules: Path | None, res
 
 
 def resolve_kernel(spec: str, modules: Path | None = None, log=print) -> tuple[Path, Path | None]:
-    """A path as it is, or `debian:VER` fetched into the cache: (image, modules dir)."""
+    """A path as it is, `debian:VER` fetched into the cache, or `debian:VER+NAME=VALUE...` (KVM rebuilt
+    with those options, built first unless cached): (image, modules dir)."""
+    if kvmbuild.is_rebuild(spec):
+        b = kvmbuild.ensure(spec, say=log)
+        return b.vmlinuz, modules or b.modules
     if spec.startswith("debian:"):
         a = debian.Archive()
         f = a.fetch(a.resolve(spec), log=log)
@@ -99,6 +108,14 @@ def _parser(action: str) -> argparse.ArgumentParser:
     elif action == "fetch":
         p.add_argument("names", nargs="+", help="debian:7.3.4, debian:6.12, debian:latest, debian:7.2.6+deb13")
         p.add_argument("--link", help="also point .cache/kernels/debian/NAME at the (last) kernel's unpacked root")
+    elif action == "build-kvm":
+        p.add_argument("name", help="the packaged kernel (debian:7.3.4, debian:7.3), or a whole rebuild name "
+                       "(debian:7.3.4+KVM_SW_PROTECTED_VM=y)")
+        p.add_argument("--config", action="append", default=[], metavar="NAME=VALUE",
+                       help="a KVM option from arch/x86/kvm/Kconfig or virt/kvm/Kconfig (repeatable)")
+        p.add_argument("--jobs", type=int, default=2, help="make -j (default %(default)s)")
+        p.add_argument("--rebuild", action="store_true", help="build again even when cached (the chroot, packages "
+                       "and sources are kept)")
     elif action == "list":
         p.add_argument("--refresh", action="store_true", help="refresh the package lists now")
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -116,8 +133,8 @@ def run(args) -> int:
     action = argv.pop(0) if argv and argv[0] in ACTIONS else "run"
     ns = _parser(action).parse_args(argv)
     try:
-        return {"run": _run, "fetch": _fetch, "list": _list, "bisect": _bisect}[action](ns)
-    except debian.KernelFetchError as e:
+        return {"run": _run, "fetch": _fetch, "build-kvm": _build_kvm, "list": _list, "bisect": _bisect}[action](ns)
+    except HarnessError as e:  # a name that does not resolve, a fetch or a KVM build that failed
         print(f"kernel {action}: {e}", file=sys.stderr)
         return runner.SKIP if action in ("run", "bisect") else 2
 
@@ -146,6 +163,15 @@ def _fetch(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _build_kvm(ns: argparse.Namespace) -> int:
+    opts = dict(kvmbuild.parse_option(c) for c in ns.config)
+    b = kvmbuild.build(ns.name, opts, jobs=ns.jobs, rebuild=ns.rebuild)
+    mods = ", ".join(f"{f} {n >> 10} KiB" for f, n in sorted(b.meta.get("modules", {}).items()))
+    print(f"{b.name}: {'cached' if b.hit else 'built'}\n  kernel  {b.vmlinuz}\n  modules {b.modules} ({mods})\n"
+          f"  use     python -m harness kernel --kernel {b.name} -- <pytest args>")
+    return 0
+
+
 def _list(ns: argparse.Namespace) -> int:
     a = debian.Archive()
     if ns.refresh:
@@ -166,6 +192,17 @@ def _list(ns: argparse.Namespace) -> int:
     print(f"\n{len(ks)} kernels offered; cache {a.cache}: {len(cached)} unpacked, {total >> 20} MiB "
           f"(limit {debian.DEFAULT_CACHE_LIMIT >> 30} GiB, KVM_HARNESS_KERNEL_CACHE_LIMIT; "
           "least recently used go first)")
+    builds = kvmbuild.cached()
+    if builds:
+        print(f"\nKVM rebuilds in {kvmbuild.ROOT} (--kernel NAME; kernel build-kvm):")
+        print(f"{'name':<48} {'size':>8}  built")
+        for b in builds:
+            secs = b.get("times", {}).get("total")
+            took = f" in {secs:.0f} s" if secs else ""
+            print(f"{b['name']:<48} {b['bytes'] >> 20:>4} MiB  {b.get('built', '?')}{took}")
+    shared = kvmbuild.shared_dirs()
+    if shared:
+        print("shared by the rebuilds: " + ", ".join(f"{w} {n >> 20} MiB" for w, _, n in shared))
     return 0
 
 

@@ -216,6 +216,10 @@ class Archive:
         if not name.startswith("debian:"):
             raise KernelFetchError(f"{name!r}: not a packaged kernel name (debian:VERSION, debian:latest)")
         want = name.split(":", 1)[1]
+        if "=" in want:  # debian:7.3.4+KVM_SW_PROTECTED_VM=y: a packaged kernel with KVM rebuilt
+            raise KernelFetchError(f"{name}: a packaged kernel with KVM rebuilt (harness/qemu/kvmbuild.py): "
+                                   "`kernel build-kvm` or `--kernel` build it; this command takes packaged "
+                                   "kernels only (the part before the first +NAME=VALUE)")
         ks = self.kernels()
         if want == "latest":
             rel = [k for k in ks if not k.is_rc and k.complete]
