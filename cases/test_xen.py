@@ -6,7 +6,8 @@ bits at 0x800), vcpu_info (a pvclock at +0x20) and the runstate area. Each case 
 the first page of a test slot on one backing, names it to KVM by guest address (GFN/GPA) or by host
 virtual address (where KVM offers KVM_XEN_HVM_CONFIG_SHARED_INFO_HVA), then, round after round,
 invalidates what the address maps (punch hole, MAP_FIXED remap, memslot move / delete + re-add /
-delete) with the invalidations of cases/test_pfncache.py, seeds the page mapped now with random bytes
+delete; and, in a SW-protected VM, conversion of the page to private) with the invalidations of
+cases/test_pfncache.py, seeds the page mapped now with random bytes
 and a marker struct, and makes KVM write the structure:
 
   shared_info  KVM_SET_CLOCK (+1000 s), then KVM_XEN_ATTR_TYPE_LONG_MODE set again (rewrites the
@@ -45,11 +46,13 @@ import test_pfncache as pfc  # the kvmclock cases' invalidations (cases/ is on s
 
 from harness import memory
 from harness.kvm._cffi import ffi
+from harness.kvm.caps import VmType
 from harness.kvm.errors import KvmError
 from harness.kvm.ioctl import kvm_ioctl
 from harness.lib.guestvm import GuestVm
 from harness.lib.ucall import DONE, SYNC
 from harness.memory import PAGE_4K, Feature
+from harness.memory.private import private_memory_reason
 from harness.oracles.kvmclock import guest_time, pvclock_update, untouched_page
 from harness.unsupported import Unsupported
 from harness.x86 import xen
@@ -153,7 +156,13 @@ def xen_setup(kvm, backings) -> Iterator[Callable[[str, str, str], Xen]]:
         why = xen.missing(caps, _needs(struct, addressing))
         if why:
             raise Unsupported(why)
-        vm = GuestVm(kvm, "kvmclock", "long64")
+        vm_type = VmType.DEFAULT
+        if memory.kind(kind).supports(Feature.PRIVATE):  # convertible memory: a SW-protected VM
+            why = private_memory_reason(kvm)
+            if why:
+                raise Unsupported(why)
+            vm_type = VmType.SW_PROTECTED
+        vm = GuestVm(kvm, "kvmclock", "long64", vm_type=vm_type)
         vms.append(vm)
         unit = pfc._unit(kind)
 
@@ -489,15 +498,10 @@ def _first_write(x: Xen) -> None:
 
 
 # ---- the cases ---------------------------------------------------------------------------------------
-METHODS = ("punch", "remap", "slot-move", "slot-readd", "slot-delete", "conversion")
-CONVERSION_SKIP = ("conversion (KVM_SET_MEMORY_ATTRIBUTES private <-> shared on a guest_memfd slot) needs a "
-                   "KVM_X86_SW_PROTECTED_VM, which the harness does not create yet")
+METHODS = ("punch", "remap", "slot-move", "slot-readd", "slot-delete")
 
 
 def _skip_reason(kind: str, method: str, addressing: str) -> str | None:
-    k = memory.kind(kind)
-    if method == "conversion":
-        return CONVERSION_SKIP if k.supports(Feature.GUEST_MEMFD) else None
     if method == "remap" and addressing == "hva":
         return None  # remapping the HVA is an invalidation of an HVA cache, guest_memfd or not
     if method == "slot-delete":
@@ -513,8 +517,6 @@ def _params() -> list:
                 continue  # no KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_HVA upstream: the runstate area is by GPA only
             for kind in KINDS:
                 for method in METHODS:
-                    if method == "conversion" and not memory.kind(kind).supports(Feature.GUEST_MEMFD):
-                        continue
                     why = _skip_reason(kind, method, addressing)
                     marks = [pytest.mark.skip(reason=why)] if why else []
                     out.append(pytest.param(struct, addressing, kind, method,
@@ -542,6 +544,34 @@ def test_xen_struct_after_invalidation(xen_setup, kernel_health, record_property
     x.guest.done()
     record_property("rounds", ",".join(x.rounds))
     kernel_health.assert_healthy(f"{struct}/{addressing}/{kind}/{method}")
+
+
+@pytest.mark.parametrize("struct", STRUCTS)
+@pytest.mark.kvm_timeout(60)
+def test_xen_struct_after_conversion(xen_setup, kernel_health, struct):
+    """The conversion invalidation (seed 003): in a SW-protected VM, the struct's page (named by GPA)
+    is converted to private after KVM's first write. The guest now reads the guest_memfd page there;
+    the shared page (userspace_addr) is no longer the guest's, so KVM's next write (shared_info:
+    LONG_MODE set again; vcpu_info: KVM_SET_CLOCK + entry; runstate: entry) must not land in it."""
+    x = xen_setup("private", struct, "gpa")
+    _first_write(x)
+    vm, mem = x.s.vm, x.s.backing
+    vm.set_private(GPA, x.s.unit)
+    before = mem.read(0, PAGE_4K)
+    err = None
+    if struct == "shared_info":
+        try:
+            x.xvm.set_long_mode(True)
+        except KvmError as e:  # refusing to write is fine; writing the shared page is not
+            err = e
+    elif struct == "vcpu_info":
+        vm.set_clock(vm.get_clock() + JUMP_NS)
+    x.guest.enter()
+    v = untouched_page(before, mem.read(0, PAGE_4K), base=GPA,
+                       what=f"shared page of the {struct} gfn (converted to private: no longer the guest's)")
+    assert v.ok, "\n".join(v.problems) + (f"\n(re-setting LONG_MODE answered {err})" if err else "")
+    x.guest.done()
+    kernel_health.assert_healthy(f"{struct} after conversion to private")
 
 
 def test_xen_attributes_read_back(xen_setup):

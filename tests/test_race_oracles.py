@@ -17,7 +17,7 @@ from harness.health.kmsg import parse_kmsg_record
 from harness.health.oracle import KmsgOracle
 from harness.race import oracles as O
 from harness.race import protocol as P
-from harness.race.disruptors import DISRUPTORS, Disruptor, Mprotect
+from harness.race.disruptors import DISRUPTORS, Convert, Disruptor, Mprotect
 from harness.race.engine import Race
 from harness.race.plan import RaceSpec
 from harness.race.report import RaceReport
@@ -196,6 +196,20 @@ class StalePublisher(Disruptor):
         self.ops += 1
 
 
+class ForgetfulConvert(Convert):
+    """A conversion the host 'forgets' to undo: the range is made private and the next generation is
+    published while it still is. The guest then reads the private side (a fresh guest_memfd page:
+    zeros) where the protocol says the new shared tag must be: the stale oracle must name it."""
+
+    name = "broken-convert"
+
+    def step(self, off: int, length: int) -> None:
+        gpa = self.mem.gpa_now + off
+        self.begin(off, length)
+        self.set_attrs(gpa, length, 8)  # PRIVATE, never back to shared
+        self.end(off, length)
+
+
 class LandingWriter(Mprotect):
     """While a range is PROT_READ, writes vCPU 0's word of its first page through the file (a
     second view of the same shmem page): exactly what a guest write through read-only looks like."""
@@ -240,6 +254,17 @@ def spec_gpa(v: P.Violation) -> int:
 
     _, stride = geometry("anon", 4096)
     return (GPA_B if v.loc else GPA_A) + v.page * stride
+
+
+def test_a_skipped_conversion_back_is_caught(kvm, backings, monkeypatch):
+    """Planted fault for the private-memory races: a range published while still private. Runs where
+    the kernel has SW-protected VMs (the runner's debian:7.3.4+KVM_SW_PROTECTED_VM=y), skips elsewhere."""
+    monkeypatch.setitem(DISRUPTORS, ForgetfulConvert.name, ForgetfulConvert)
+    spec = RaceSpec("private", (ForgetfulConvert.name,), vcpus=1, seconds=0.3, seed=6, label="broken-convert")
+    rep, _ = _run(kvm, backings, spec)
+    assert rep.violation_count > 0, rep.summary()
+    fails = rep.failures(("stale",))
+    assert len(fails) == 1 and "zero" in fails[0], fails
 
 
 def test_write_through_read_only_is_caught(kvm, backings, monkeypatch):
