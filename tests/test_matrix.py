@@ -188,3 +188,21 @@ def test_markdown_for_docs(cells):
     assert "| `cases/test_memslots.py::test_bad_input` | 1 pass, 1 skip |" in md
     assert "XPASS(gmem-binding-overlap-einval)" in md and "xfail(pvm-dirty-ring-overflow)" in md
     assert "| KVM_CAP_GUEST_MEMFD is 0 | 1 |" in md
+
+
+def test_rebuild_config_matches_whole_version_components(monkeypatch, tmp_path):
+    """--no-run finds a cached KVM rebuild's config by version prefix: debian:6.1 is not 6.12."""
+    from harness.cli import matrix as mcli
+
+    d = tmp_path / "b" / "modules"
+    d.mkdir(parents=True)
+    (d / "vmlinuz").write_bytes(b"")
+    (d / "config").write_text("CONFIG_KVM=m\nCONFIG_KVM_SW_PROTECTED_VM=y\n")
+    meta = {"kernel": {"name": "debian:6.12.117"}, "options": {"KVM_SW_PROTECTED_VM": "y"},
+            "dir": str(tmp_path / "b"), "built": "2026-12-05"}
+    monkeypatch.setattr(mcli.kvmbuild, "cached", lambda: [meta])
+    monkeypatch.setattr(mcli.runner, "kernel_config", lambda image: {"CONFIG_KVM_SW_PROTECTED_VM": "y"})
+    assert mcli._rebuild_config("debian:6.12+KVM_SW_PROTECTED_VM=y") == {"CONFIG_KVM_SW_PROTECTED_VM=y"}
+    assert mcli._rebuild_config("debian:6.12.117+KVM_SW_PROTECTED_VM=y") == {"CONFIG_KVM_SW_PROTECTED_VM=y"}
+    assert mcli._rebuild_config("debian:6.1+KVM_SW_PROTECTED_VM=y") == frozenset()
+    assert mcli._rebuild_config("debian:6.12+KVM_PROVE_MMU=y") == frozenset()

@@ -19,7 +19,7 @@ from harness.cli import kernel as kernel_cli
 from harness.matrix import known, report
 from harness.matrix import run as mrun
 from harness.matrix.cells import KernelRun
-from harness.qemu import debian, runner
+from harness.qemu import debian, kvmbuild, runner
 
 DEFAULT_KERNELS = "host,debian:6.1,debian:6.12,debian:7.2,debian:7.3"
 RAW_ARGS = True
@@ -78,6 +78,8 @@ def run(args) -> int:
                   + (", ".join(f"{v} {o}" for o, v in kr.counts().items()) or kr.reason), flush=True)
         if k == "host":
             configs[k] = known_issues.kernel_config()
+        elif k not in configs and kvmbuild.is_rebuild(k):
+            configs[k] = _rebuild_config(k)
         elif k not in configs and k.startswith("debian:"):
             try:
                 f = archive.fetched(archive.resolve(k))
@@ -109,3 +111,17 @@ def run(args) -> int:
         if found:
             code = 1
     return code
+
+
+def _rebuild_config(name: str) -> frozenset[str]:
+    """The config of a cached KVM rebuild (--no-run: nothing is built), as the runner reads it beside
+    the image; empty when no build of that version and options is cached."""
+    base, opts = kvmbuild.parse_name(name)
+    for meta in sorted(kvmbuild.cached(), key=lambda m: m.get("built", ""), reverse=True):
+        k = meta.get("kernel") or {}
+        full = str(k.get("name", ""))
+        # debian:7.3 names 7.3.x, never 7.30 (a prefix of whole version components)
+        if meta.get("options") == opts and (full == base or full.startswith((base + ".", base + "-", base + "+"))):
+            image = Path(meta["dir"]) / "modules" / "vmlinuz"
+            return frozenset(f"{a}={b}" for a, b in runner.kernel_config(image).items() if b != "n")
+    return frozenset()
