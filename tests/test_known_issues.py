@@ -2,6 +2,7 @@ import re
 
 import pytest
 
+from harness import known_issues
 from harness.known_issues import KnownIssue, load, release_in_range
 
 
@@ -119,3 +120,13 @@ def test_a_paging_entry_applies_only_with_that_paging(monkeypatch, tmp_path):
     assert entry.applies(paging="tdp")
     assert not entry.applies(paging="shadow")
     assert not entry.applies(environment="kvm", paging="tdp")
+
+
+def test_kernel_config_from_the_runner(monkeypatch, tmp_path):
+    """In the runner's guest there is no /proc/config.gz: the runner names the image's config."""
+    cfg = tmp_path / "config"
+    cfg.write_text("CONFIG_KVM=m\nCONFIG_KVM_SW_PROTECTED_VM=y\n# CONFIG_FOO is not set\n")
+    monkeypatch.setenv(known_issues.CONFIG_ENV, str(cfg))
+    monkeypatch.setattr(known_issues, "_config_cache", None)
+    assert known_issues.kernel_config() == {"CONFIG_KVM=m", "CONFIG_KVM_SW_PROTECTED_VM=y"}
+    monkeypatch.setattr(known_issues, "_config_cache", None)  # the next reader sees the machine's own
