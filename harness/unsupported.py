@@ -2,7 +2,7 @@
 
 Whatever cannot be done on this machine or kernel (a backing kind, a hugepage pool, a mount, a guest
 mode, a capability) raises a subclass of it with the reason as its message. The pytest layer turns it
-into a skip carrying that message, in one place (harness/pytest/skips.py); everything below pytest
+into a skip carrying that message, in one place (harness/pytest/core.py); everything below pytest
 only raises it, so this module must never import pytest.
 """
 
