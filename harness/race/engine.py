@@ -339,6 +339,10 @@ class Race:
                     continue
                 rep.violations[k] = P.Violation(v.vcpu, v.page, v.seen, v.seq, v.ops, v.gva, v.gpa,
                                                 v.hva, v.loc, now)
+        for d in self.disruptors:
+            into = getattr(d, "report_into", None)  # a disruptor with counts and an oracle of its own (uffd)
+            if into is not None:
+                into(rep)
 
     def _read_stats(self) -> dict[str, int]:
         assert self.vm is not None
@@ -381,6 +385,10 @@ class Race:
         self._stop_disrupt.set()
         if self.vm is not None and self.mem is not None:
             self.mem.stop_guests()
+        for d in getattr(self, "disruptors", ()):
+            let_go = getattr(d, "close", None)  # a disruptor holding vCPU faults (uffd) lets them all go
+            if let_go is not None:
+                let_go()
         for t in self._threads:
             t.join(5.0)
             if t.is_alive() and self.vm is not None:

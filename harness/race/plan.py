@@ -9,7 +9,7 @@ from harness.memory import PAGE_2M, PAGE_4K
 from harness.unsupported import Unsupported
 
 # every oracle the engine judges; a case names the ones it checks (RaceReport.failures)
-ORACLES = ("stale", "ro-write", "progress", "released", "kernel", "overlap", "kvmclock", "memory-fault")
+ORACLES = ("stale", "ro-write", "progress", "released", "kernel", "overlap", "kvmclock", "memory-fault", "uffd")
 
 
 class RaceUnsupported(Unsupported):

@@ -47,6 +47,10 @@ class RaceReport:
     stats: dict[str, int] = field(default_factory=dict)
     stats_note: str = ""
     kernel: Verdict | None = None  # oracles.kernel(): the case's kernel-health verdict
+    # what a disruptor records of its own (report_into(): the uffd mode's counts and oracle)
+    extra: dict[str, object] = field(default_factory=dict)  # JUnit properties
+    extra_lines: list[str] = field(default_factory=list)  # summary lines
+    extra_verdicts: dict[str, Verdict] = field(default_factory=dict)  # by oracle name
 
     # ---- figures -------------------------------------------------------------------------------
     @property
@@ -93,6 +97,7 @@ class RaceReport:
             out.append(self.kernel if self.kernel is not None else Verdict.of("kernel", ()))
         if "overlap" in oracles:
             out.append(O.overlap(self.total_ops, self.overlapped_ops, judged=not self.stalls and not self.errors))
+        out += [v for name, v in self.extra_verdicts.items() if name in oracles]
         return out
 
     def failures(self, oracles: tuple[str, ...] = ORACLES) -> list[str]:
@@ -124,6 +129,7 @@ class RaceReport:
                       ("kvmclock_inconclusive", self.clock_inconclusive),
                       ("kvmclock_misses", len(self.clock_misses))]
         props += [(f"host_ops_{k}", v) for k, v in self.host_ops.items()]
+        props += list(self.extra.items())
         props += [(f"released_{k}", v) for k, v in self.released.items()]
         props += [(f"kvm_stat_{k}", v) for k, v in sorted(self.stats.items())]
         if self.stats_note:
@@ -149,6 +155,7 @@ class RaceReport:
             lines.append(f"  kvmclock: {self.clock_sets} KVM_SET_CLOCKs, {self.clock_seen} updates seen in the "
                          f"host mapping, {self.clock_inconclusive} overtaken by a host op on that page, "
                          f"{len(self.clock_misses)} lost")
+        lines += self.extra_lines
         if self.release is not None:
             notes = self.release.facts["notes"]
             lines.append(f"  released after {self.release.facts['method']}: "

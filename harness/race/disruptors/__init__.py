@@ -18,6 +18,7 @@ start (the kernel refuses it: e.g. MADV_PAGEOUT on hugetlb), both turned into sk
     host.py  the host mapping and backing: remap, dontneed, partial-thp, pageout, cold, punch, mprotect
     kvm.py   KVM's side: slot-readd, slot-move, prefault
     private.py  convertible memory (SW-protected VMs): convert, punch-private
+    uffd.py  faults held open on purpose (userfaultfd): uffd, uffd-wp
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from harness.race.disruptors.base import Disruptor, HostContext
 from harness.race.disruptors.host import Cold, Madvise, Mprotect, Pageout, PartialThp, Punch, Remap
 from harness.race.disruptors.kvm import Prefault, SlotMove, SlotReadd
 from harness.race.disruptors.private import Convert, PunchPrivate
+from harness.race.disruptors.uffd import UffdMissing, UffdWp
 
 DISRUPTORS: dict[str, type[Disruptor]] = {
     d.name: d for d in (Remap, Madvise, PartialThp, Pageout, Cold, Punch, Mprotect, SlotReadd, SlotMove,
-                        Prefault, Convert, PunchPrivate)
+                        Prefault, Convert, PunchPrivate, UffdMissing, UffdWp)
 }
 
 __all__ = ["DISRUPTORS", "Cold", "Convert", "Disruptor", "HostContext", "Madvise", "Mprotect", "Pageout", "PartialThp",
-           "Prefault", "Punch", "PunchPrivate", "Remap", "SlotMove", "SlotReadd"]
+           "Prefault", "Punch", "PunchPrivate", "Remap", "SlotMove", "SlotReadd", "UffdMissing", "UffdWp"]
