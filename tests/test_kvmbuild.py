@@ -220,11 +220,148 @@ def test_validate_lists_every_refusal_at_once(syms):
     assert str(e.value).count("\n  ") == 3
 
 
+# 6.12's layout: KVM_SW_PROTECTED_VM selects nothing itself; KVM_X86 selects KVM_GENERIC_PRIVATE_MEM when it is on
+KCONFIG_612 = textwrap.dedent("""\
+    config KVM_X86
+    \tdef_tristate KVM if (KVM_INTEL != n || KVM_AMD != n)
+    \tselect KVM_COMMON
+    \tselect HAVE_KVM_PM_NOTIFIER if PM
+    \tselect KVM_GENERIC_PRIVATE_MEM if KVM_SW_PROTECTED_VM
+
+    config KVM
+    \ttristate "Kernel-based Virtual Machine (KVM) support"
+
+    config KVM_SW_PROTECTED_VM
+    \tbool "Enable support for KVM software-protected VMs"
+    \tdepends on EXPERT
+    \tdepends on KVM && X86_64
+
+    config KVM_GENERIC_PRIVATE_MEM
+    \tselect KVM_GENERIC_MEMORY_ATTRIBUTES
+    \tbool
+    """)
+
+
+def test_validate_6_12_layout_checks_what_another_symbol_selects_because_of_the_option():
+    syms = parse_kconfig(KCONFIG_612, "arch/x86/kvm/Kconfig")
+    assert syms["KVM_X86"].selects[-1] == ("KVM_GENERIC_PRIVATE_MEM", "KVM_SW_PROTECTED_VM")
+    assert syms["KVM_SW_PROTECTED_VM"].selects == []
+    packaged = PACKAGED + "CONFIG_KVM_GENERIC_PRIVATE_MEM=y\n"  # Debian's 6.12: on (KVM_AMD_SEV selects it)
+    assert validate({"KVM_SW_PROTECTED_VM": "y"}, syms, parse_config(packaged), {}).options == \
+        {"KVM_SW_PROTECTED_VM": "y"}
+    # off in the packaged kernel: KVM_X86 would select it only because of the option -> refused
+    match = (r"makes KVM_X86 select KVM_GENERIC_PRIVATE_MEM \(`select KVM_GENERIC_PRIVATE_MEM if "
+             r"KVM_SW_PROTECTED_VM` in KVM_X86\), which is off")
+    with pytest.raises(ConfigError, match=match):
+        validate({"KVM_SW_PROTECTED_VM": "y"}, syms, parse_config(PACKAGED), {})
+    # a condition already true in the packaged kernel (PM) is not the option's doing
+    assert kconfig._selected_because("KVM_SW_PROTECTED_VM", syms, {"PM": "y", "KVM_X86": "m"},
+                                     {"PM": "y", "KVM_X86": "m", "KVM_SW_PROTECTED_VM": "y"}) == \
+        [("KVM_X86", "KVM_GENERIC_PRIVATE_MEM", "KVM_SW_PROTECTED_VM")]
+    # KVM_X86 off: nothing selects anything
+    assert kconfig._selected_because("KVM_SW_PROTECTED_VM", syms, {}, {"KVM_SW_PROTECTED_VM": "y"}) == []
+
+
 def test_config_with_options():
     out = kconfig.with_options(PACKAGED, {"KVM_SW_PROTECTED_VM": "y", "KVM_NEW_THING": "y"})
     cfg = parse_config(out)
     assert cfg["KVM_SW_PROTECTED_VM"] == "y" and cfg["KVM_NEW_THING"] == "y" and cfg["KVM_XEN"] == "y"
     assert out.count("KVM_SW_PROTECTED_VM") == 1  # replaced in place
+
+
+# ---- the chroot's packages: per-version differences ----------------------------------------------------
+
+# linux-headers-VER-amd64's Depends, as the archive has them
+DEPENDS_612 = ("linux-base (>= 4.12~), linux-headers-6.12.117+deb13-common (= 6.12.117-1), "
+               "linux-image-6.12.117+deb13-amd64 (= 6.12.117-1) | linux-image-6.12.117+deb13-amd64-unsigned "
+               "(= 6.12.117-1), linux-kbuild-6.12.117+deb13, gcc-14")
+DEPENDS_734 = ("gcc-14-for-host, linux-base (>= 4.12~), linux-base-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), "
+               "linux-headers-7.3.4+deb13-common (= 7.3.4-1~bpo13+1), linux-kbuild-7.3.4+deb13")
+
+
+def test_compiler_of_each_packaged_kernel():
+    texts = {"6.12.117": "x86_64-linux-gnu-gcc-14 (Debian 14.2.0-19) 14.2.0",
+             "7.2.13": "x86_64-linux-gnu-gcc-16 (Debian 16.2.0-4) 16.2.0",  # unstable's: an unstable chroot
+             "6.1.176": "gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0"}
+    got = {v: kvmcompile.compiler(f'CONFIG_CC_VERSION_TEXT="{t}"') for v, t in texts.items()}
+    assert (got["7.2.13"].cc, got["7.2.13"].package, got["7.2.13"].version) == \
+        ("x86_64-linux-gnu-gcc-16", "gcc-16", "16.2.0-4")
+    assert (got["6.1.176"].cc, got["6.1.176"].package, got["6.1.176"].version) == \
+        ("gcc-12", "gcc-12", "12.2.0-14+deb12u1")
+
+
+def test_6x_headers_depend_on_the_image_which_a_placeholder_stands_in_for():
+    assert kvmcompile.image_dependencies(DEPENDS_612, "6.12.117-1") == \
+        [("linux-image-6.12.117+deb13-amd64", "6.12.117-1")]
+    assert kvmcompile.image_dependencies(DEPENDS_734, "7.3.4-1~bpo13+1") == []  # 7.x: linux-base-VER instead
+    assert kvmcompile.image_dependencies("linux-image-6.1.0-50-amd64, linux-kbuild-6.1", "6.1.176-1") == \
+        [("linux-image-6.1.0-50-amd64", "6.1.176-1")]
+
+
+@pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="no dpkg-deb")
+def test_placeholder_deb_is_an_empty_package_of_that_name_and_version(tmp_path):
+    import subprocess
+
+    log = StepLog(tmp_path / "build.log", lambda _: None)
+    p = kvmcompile.placeholder_deb("linux-image-6.12.117+deb13-amd64", "6.12.117-1", tmp_path, log)
+    log.close()
+    assert p.name == "linux-image-6.12.117+deb13-amd64_6.12.117-1_amd64.deb"
+    fields = subprocess.run(["dpkg-deb", "--show", "--showformat", "${Package} ${Version} ${Architecture}", str(p)],
+                            capture_output=True, text=True, check=True).stdout
+    assert fields == "linux-image-6.12.117+deb13-amd64 6.12.117-1 amd64"
+    assert subprocess.run(["dpkg-deb", "--contents", str(p)], capture_output=True, text=True,
+                          check=True).stdout.count("\n") == 1  # ./ only
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".placeholder")] == []
+
+
+def test_the_chroots_apt_follows_the_hosts_release_date_checks():
+    dump = 'APT "";\nAcquire::Check-Valid-Until "false";\nAcquire::Check-Date "false";\nAcquire::Retries "3";\n'
+    assert kvmcompile.host_apt_freshness(dump) == ["-o", "Acquire::Check-Valid-Until=false",
+                                                   "-o", "Acquire::Check-Date=false"]
+    assert kvmcompile.host_apt_freshness('Acquire::Check-Valid-Until "true";\n') == []
+    assert kvmcompile.host_apt_freshness('APT "";\n') == []
+
+
+def test_an_expired_release_file_is_named_in_the_packages_failure(tmp_path, monkeypatch):
+    line = ("E: Release file for http://deb.debian.org/debian/dists/unstable/InRelease is expired "
+            "(invalid since 29d 0h 1min 54s). Updates for this repository will not be applied.")
+    assert kvmcompile.expired_release(["Reading package lists...", line]) == \
+        "the Release file http://deb.debian.org/debian/dists/unstable/InRelease expired 29d 0h 1min 54s ago"
+    assert kvmcompile.expired_release(["E: Unable to locate package gcc-16"]) is None
+
+    from harness.qemu import debian
+    from harness.qemu.buildenv import Chroot
+
+    k = debian.Kernel("7.2.13+deb14-amd64", "linux-image-7.2.13+deb14-amd64", "7.2.13-1", "7.2.13", ())
+
+    class Archive:
+        def _apt(self, tool, *args, **kw):
+            if args[0] == "show":
+                return "Package: linux-headers-7.2.13+deb14-amd64\nDepends: linux-kbuild-7.2.13+deb14\n"
+            (kw["cwd"] / f"{args[1].split('=')[0]}_7.2.13-1_amd64.deb").write_bytes(b"")
+            return ""
+
+        def mirror(self):
+            return "http://deb.debian.org/debian"
+
+    class FakeChroot(Chroot):
+        def run(self, step, argv, log, timeout, cwd="/", env=None, nice=10):
+            if argv[-1] == "update":  # what apt in an unstable chroot says of a stale mirror
+                log.run(step, ["sh", "-c", f"echo '{line}'; exit 100"], timeout=30, what=" ".join(argv))
+            raise AssertionError(argv)
+
+    monkeypatch.setattr(kvmcompile, "host_apt_freshness", lambda: [])
+    ch = FakeChroot(tmp_path / "unstable", "unstable")
+    comp = kvmcompile.compiler('CONFIG_CC_VERSION_TEXT="x86_64-linux-gnu-gcc-16 (Debian 16.2.0-4) 16.2.0"')
+    log = StepLog(tmp_path / "build.log", lambda _: None)
+    with pytest.raises(BuildStepError) as e:
+        kvmcompile.install_packages(Archive(), ch, k, comp, log)
+    log.close()
+    msg = str(e.value)
+    assert msg.startswith("step 'packages' failed: the Release file http://deb.debian.org/debian/dists/unstable/"
+                          "InRelease expired 29d 0h 1min 54s ago: http://deb.debian.org/debian serves an "
+                          "out-of-date unstable (a frozen mirror or snapshot)")
+    assert 'Acquire::Check-Valid-Until "false"' in msg
 
 
 # ---- the Makefile rewrite --------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ back what autoconf.h defines. So an option is accepted only when all of these ho
   already set rebuilds nothing);
 - its `depends on` (and enclosing `if`) hold with the packaged config plus the other requested options;
 - everything it selects is already on in the packaged kernel (a selected symbol off there would
-  need core-kernel code that vmlinuz lacks);
+  need core-kernel code that vmlinuz lacks), and so is everything another symbol selects only because
+  of it (`select KVM_GENERIC_PRIVATE_MEM if KVM_SW_PROTECTED_VM` in 6.12's KVM_X86);
 - no file outside arch/x86/kvm, virt/kvm (and Documentation/, tools/, other architectures) uses it,
   except public headers (include/, arch/x86/include/): those are compiled into the rebuilt modules
   too, which is noted, since other modules built against the packaged headers keep the old view.
@@ -258,6 +259,10 @@ def validate(requested: dict[str, str], symbols: dict[str, Symbol], packaged: di
             if env.get(target, "n") == "n":
                 problems.append(f"{where}: selects {target}, which is off in the packaged kernel (core-kernel "
                                 "code the packaged vmlinuz does not have)")
+        for other, target, cond in _selected_because(name, symbols, packaged, env):
+            problems.append(f"{where}: makes {other} select {target} (`select {target} if {cond}` in "
+                            f"{other}), which is off in the packaged kernel (core-kernel code the packaged vmlinuz "
+                            "does not have)")
         if not any(k in name for k in INDEXED):
             problems.append(f"{where}: the source index only covers names with {' or '.join(INDEXED)}: "
                             "cannot tell whether code outside KVM uses it")
@@ -275,6 +280,25 @@ def validate(requested: dict[str, str], symbols: dict[str, Symbol], packaged: di
         raise ConfigError("cannot rebuild KVM with " + ", ".join(f"{k}={v}" for k, v in sorted(requested.items()))
                           + ":\n  " + "\n  ".join(problems))
     return Checked(dict(sorted(requested.items())), notes)
+
+
+def _selected_because(name: str, symbols: dict[str, Symbol], packaged: dict[str, str],
+                      env: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(symbol, target, condition) of each `select TARGET if COND` elsewhere whose COND names `name`,
+    holds with the requested options but not in the packaged config, in a symbol that is on, and whose
+    TARGET is off: the option would turn on TARGET through another symbol. (KVM_SW_PROTECTED_VM selects
+    what it needs itself in 7.x; in 6.12 KVM_X86 has `select KVM_GENERIC_PRIVATE_MEM if
+    KVM_SW_PROTECTED_VM`.)"""
+    out = []
+    for other, sym in sorted(symbols.items()):
+        if other == name or env.get(other, "n") == "n":
+            continue
+        for target, cond in sym.selects:
+            if cond is None or name not in symbols_in(cond) or env.get(target, "n") != "n":
+                continue
+            if evaluate(cond, env) != 0 and evaluate(cond, packaged) == 0:
+                out.append((other, target, cond))
+    return out
 
 
 def _bad_value(typ: str, value: str) -> str | None:

@@ -6,6 +6,10 @@ rewritten KVM Makefile, `make M=... modules`, and the modules tree the runner is
 - `install_packages()` downloads the kernel's linux-headers-*, linux-headers-*-common,
   linux-kbuild-* (and linux-base-*) debs with that private apt and installs them in the chroot with
   the chroot's own apt, which brings gcc-N, make, pahole and the libraries kbuild's tools need.
+  Per version: 6.x headers depend on linux-image-VER itself (7.x on linux-base-VER), for which an
+  empty placeholder package stands in (`image_dependencies()`, `placeholder_deb()`); the chroot's
+  apt checks Release dates as the host's does (`host_apt_freshness()`: an unstable chroot from a
+  frozen mirror), and an expired Release file is named as the reason when it does (`expired_release()`).
 - `rewrite_makefile()` + `compile_modules()`: the KVM sources copied into the chroot, built out of
   tree against /usr/src/linux-headers-VER, stripped (--strip-debug: they travel uncompressed in the
   initramfs), their vermagic checked against the packaged kvm.ko.
@@ -18,11 +22,12 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.qemu import debian
-from harness.qemu.buildenv import Chroot, KvmBuildError, StepLog, safe_rmtree
+from harness.qemu.buildenv import BuildStepError, Chroot, KvmBuildError, StepLog, safe_rmtree
 from harness.qemu.kvmsource import Sources
 from harness.qemu.modules import SUFFIXES, ModuleError, modinfo, modname, read_ko
 
@@ -159,11 +164,30 @@ def install_packages(a: debian.Archive, ch: Chroot, k: debian.Kernel, comp: Comp
                     if n == headers:
                         raise log.fail("packages", str(e)) from None
                     log.write(f"==== {n}={k.version} not downloadable; apt in the chroot resolves it: {e}")
+        for image, version in image_dependencies(deps.group(1), k.version):
+            # 6.x headers depend on the kernel image itself (7.x: on linux-base-VER); the image is not
+            # needed to build modules, and installing it brings initramfs-tools, systemd and udev
+            # (+300 MiB per version) and runs update-initramfs in the chroot
+            p = placeholder_deb(image, version, debs, log)
+            log.write(f"==== {image}={version}: a placeholder package stands in for the image ({p.name})")
         files = sorted(f"{inside}/{p.name}" for p in debs.glob("*.deb"))
-        log.write(f"==== downloaded: {' '.join(files)}")
-        ch.run("packages", ["apt-get", "-q", "update"], log, timeout=900)
-        ch.run("packages", ["apt-get", "-q", "install", "-y", "--no-install-recommends", "make", comp.package,
-                            "binutils", *files], log, timeout=1800)
+        log.write(f"==== to install: {' '.join(files)}")
+        fresh = host_apt_freshness()
+        if fresh:
+            log.write(f"==== the host's apt does not check Release dates ({' '.join(fresh)}); nor does the chroot's")
+        try:
+            ch.run("packages", ["apt-get", *fresh, "-q", "update"], log, timeout=900)
+        except BuildStepError as e:
+            why = expired_release(log.tail(200))
+            if why is None:
+                raise
+            raise log.fail("packages", f"{why}: {a.mirror()} serves an out-of-date {ch.suite} (a frozen "
+                                       "mirror or snapshot), and this machine's apt checks Release dates "
+                                       "(Acquire::Check-Valid-Until); the chroot's apt follows the host's setting, "
+                                       "so set Acquire::Check-Valid-Until \"false\" in /etc/apt/apt.conf.d or use "
+                                       "a current mirror (KVM_HARNESS_DEBIAN_MIRROR)") from e
+        ch.run("packages", ["apt-get", *fresh, "-q", "install", "-y", "--no-install-recommends", "make",
+                            comp.package, "binutils", *files], log, timeout=1800)
         ch.run("packages", ["apt-get", "clean"], log, timeout=300)
         if not cc.exists():
             raise log.fail("packages", f"{comp.cc} is not in the chroot after installing {comp.package}")
@@ -176,6 +200,64 @@ def install_packages(a: debian.Archive, ch: Chroot, k: debian.Kernel, comp: Comp
     if have != comp.text:
         log.progress(f"warning: the chroot's compiler says {have!r}; the kernel was built by {comp.text!r}")
     return have
+
+
+def image_dependencies(depends: str, version: str) -> list[tuple[str, str]]:
+    """(package, version) of each linux-image-* that a headers package's Depends names first in an
+    alternative group: `linux-image-6.12.117+deb13-amd64 (= 6.12.117-1) | linux-image-...-unsigned (= ...)`
+    -> [("linux-image-6.12.117+deb13-amd64", "6.12.117-1")]; an unversioned one gets `version`."""
+    out = []
+    for group in depends.split(","):
+        first = group.split("|")[0].strip()
+        m = re.fullmatch(r"(linux-image-[^\s(]+)(?:\s*\(\s*(=|>=)\s*([^)\s]+)\s*\))?", first)
+        if m:
+            out.append((m.group(1), m.group(3) or version))
+    return out
+
+
+def placeholder_deb(package: str, version: str, dest: Path, log: StepLog) -> Path:
+    """An empty .deb named `package` at `version` (dpkg-deb --build), which satisfies a dependency on
+    it without its files."""
+    work = dest / f".placeholder-{package}"
+    safe_rmtree(work)
+    (work / "DEBIAN").mkdir(parents=True)
+    (work / "DEBIAN" / "control").write_text(
+        f"Package: {package}\nVersion: {version}\nArchitecture: amd64\nMaintainer: kvm-harness <nobody@invalid>\n"
+        "Section: kernel\nPriority: optional\nDescription: kvm-harness placeholder (no files)\n"
+        " Satisfies linux-headers' dependency on the kernel image in a chroot that only builds modules.\n")
+    out = dest / f"{package}_{version.replace(':', '%3a')}_amd64.deb"
+    log.run("packages", ["dpkg-deb", "--root-owner-group", "--build", str(work), str(out)], timeout=120)
+    safe_rmtree(work)
+    return out
+
+
+def host_apt_freshness(dump: str | None = None) -> list[str]:
+    """The host's apt settings that turn off Release date checks (Acquire::Check-Valid-Until,
+    Acquire::Check-Date), as `-o` options for the chroot's apt. The private apt that chose the
+    packages reads the host's apt.conf.d, so it accepted Release files the chroot's apt, left to its
+    defaults, would refuse as expired when the archive is a frozen mirror (unstable's Release is valid
+    for a week). Only what the host sets is passed on; signatures are still checked."""
+    if dump is None:
+        try:
+            dump = subprocess.run(["apt-config", "dump"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+    out = []
+    for key in ("Acquire::Check-Valid-Until", "Acquire::Check-Date"):
+        m = re.search(rf'^{re.escape(key)} "([^"]*)";$', dump, re.M | re.I)
+        if m and m.group(1).lower() in ("false", "no", "0", "off"):
+            out += ["-o", f"{key}=false"]
+    return out
+
+
+def expired_release(lines: list[str]) -> str | None:
+    """apt's complaint about an expired Release file in a log tail, e.g. "the Release file
+    http://deb.debian.org/debian/dists/unstable/InRelease expired 29d 0h 1min 54s ago"; None if none."""
+    for ln in reversed(lines):
+        m = re.search(r"Release file for (\S+) is expired \(invalid since ([^)]+)\)", ln)
+        if m:
+            return f"the Release file {m.group(1)} expired {m.group(2).removeprefix('invalid since ')} ago"
+    return None
 
 
 def compile_modules(ch: Chroot, src: Sources, k: debian.Kernel, comp: Compiler, opts: dict[str, str], key: str, d: Path,
