@@ -27,6 +27,13 @@ BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 BASE_MODULES = ["virtio_mmio", "virtio_pci", "9pnet_virtio", "9p", "overlay", "loop"]
 AMD_MODULES = ["ccp", "kvm_amd"]
 INTEL_MODULES = ["kvm_intel"]
+# pmem for the DAX backings (harness/memory/dax.py), the runner's --pmem device: the nvdimm core and
+# its ACPI NFIT / virtio-pmem front ends, the pmem block driver (fsdax: /dev/pmemN), the devdax
+# drivers (/dev/daxX.Y), ext4 to mount the pmem with -o dax. Harmless without a pmem device.
+DAX_MODULES = ["libnvdimm", "nfit", "virtio_pmem", "nd_pmem", "dax_pmem", "device_dax", "ext4"]
+# cases/test_vhost.py: /dev/vhost-vsock (vhost, vhost_iotlb, vsock, vmw_vsock_virtio_transport_common
+# come with it from its .modinfo depends=)
+VHOST_MODULES = ["vhost_vsock"]
 
 SENTINEL = "@@KH"  # lines: "@@KH-BOOTED <nonce>@@", "@@KH-RESULT <nonce> <code>@@", "@@KH-EXIT <nonce> <rc>@@"
 
@@ -156,7 +163,7 @@ class Cpio:
 
 def build(dest: Path, spec: GuestSpec, modules: ModuleTree | None, busybox: str) -> dict[str, list[str]]:
     """Write the initramfs to dest; returns the module load orders it carries (for the report)."""
-    base = modules.load_order(BASE_MODULES) if modules else []
+    base = modules.load_order(BASE_MODULES + VHOST_MODULES + DAX_MODULES) if modules else []
     amd = [m for m in modules.load_order(AMD_MODULES) if m not in base] if modules else []
     intel = [m for m in modules.load_order(INTEL_MODULES) if m not in base] if modules else []
     c = Cpio()
