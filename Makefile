@@ -36,9 +36,11 @@ unit: setup
 
 test: unit check
 
+# Harness vs C pairs (docs/bench.md); the record goes to results/bench/<date>-<commit>.json.
+BENCH_ARGS ?=
 bench: setup
 	$(MAKE) -C bench
-	$(PY) -m bench
+	$(PY) -m bench --record-dir results/bench $(BENCH_ARGS)
 
 lint: venv
 	$(PY) -m ruff check .

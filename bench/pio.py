@@ -57,4 +57,5 @@ PIO_EXITS = register(Bench(
     count_option="exits",
     default_count=200_000,
     target=0.85,
+    unit="exits/s",
 ))

@@ -114,6 +114,8 @@ RACE_PUNCH_SHMEM = register(Bench(
     default_count=20_000,
     target=0.7,
     secondary=("sweeps_per_s",),
+    unit="ops/s",
+    params={"pin": PIN},
 ))
 
 RACE_REMAP_ANON = register(Bench(
@@ -126,4 +128,6 @@ RACE_REMAP_ANON = register(Bench(
     default_count=20_000,
     target=0.7,
     secondary=("sweeps_per_s",),
+    unit="ops/s",
+    params={"pin": PIN},
 ))

@@ -8,7 +8,7 @@ bench/Makefile, printing one JSON line with a rate key) and a Python function, t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BUILD_DIR = Path(__file__).resolve().parent / "build"
@@ -19,14 +19,23 @@ class Bench:
     name: str  # registry key and JSON key
     label: str  # human name, used in the ratio line
     c_cmd: Callable[[int], list[str]]  # argv of the C baseline for `count` operations
-    c_rate_key: str  # key of the ops/s value in the C program's JSON line
-    # runs `count` operations through the harness, returns ops/s, or a dict with c_rate_key and the
-    # secondary keys
+    c_rate_key: str  # key of the rate in the C program's JSON line (and in the harness side's dict)
+    # runs `count` operations through the harness, returns the rate, or a dict with c_rate_key and
+    # the secondary keys
     py: Callable[[int], float | dict[str, float]]
     count_option: str  # CLI option (without "--") giving the operation count, e.g. "exits"
     default_count: int
     target: float  # minimum acceptable harness/C ratio
     secondary: tuple[str, ...] = ()  # other rates both sides report (printed with their ratio)
+    unit: str = "ops/s"  # what the rate counts, for tables and the record
+    # why this pair cannot run here (None: it can); asked once per run, before any round
+    unavailable: Callable[[], str | None] | None = None
+    # fixed parameters of the work besides the count (slot size, pinning...), kept in the record so
+    # that compare can tell when two records did not measure the same thing
+    params: dict[str, object] = field(default_factory=dict)
+
+    def skip_reason(self) -> str | None:
+        return self.unavailable() if self.unavailable is not None else None
 
 
 BENCHES: dict[str, Bench] = {}
