@@ -50,12 +50,13 @@ def bitmap_pages(bitmap: bytes, npages: int | None = None) -> set[int]:
 
 def pages_bitmap(pages: Iterable[int], npages: int) -> bytes:
     """The bitmap KVM would report for `pages` in a slot of npages (u64-word padded)."""
-    val = 0
+    # a bytearray, not one growing int: `val |= 1 << p` copies the whole int per page (quadratic)
+    out = bytearray((npages + 63) // 64 * 8)
     for p in pages:
         if not 0 <= p < npages:
             raise ValueError(f"page {p} is outside a slot of {npages} pages")
-        val |= 1 << p
-    return val.to_bytes((npages + 63) // 64 * 8, "little")
+        out[p >> 3] |= 1 << (p & 7)
+    return bytes(out)
 
 
 # ---- the guest's write pattern (guests/payloads/dirty_writer.c) -----------------------------------
