@@ -205,6 +205,9 @@ def _skip_reason(kind: str, method: str) -> str | None:
     if method == "remap" and k.supports(Feature.GUEST_MEMFD):
         return ("a guest_memfd slot's memory is the fd at guest_memfd_offset, not what userspace_addr "
                 "maps: remapping the host view is no invalidation of it upstream")
+    if k.supports(Feature.DEVICE) and method in ("punch", "remap"):
+        return (f"{kind} is a device's fixed memory: nothing to punch, and the remap method's file offsets "
+                "0 and unit are not this backing's range of the device")
     if k.page_size == PAGE_1G and method != "punch":
         return "1 GiB kinds run the punch method only (the others need a second 1 GiB page)"
     return None

@@ -153,7 +153,7 @@ def test_model_without_readonly_support():
 # ---- registry -----------------------------------------------------------------------------------
 def test_registry_has_every_kind_with_its_page_size():
     assert memory.names() == ["anon", "anon-shared", "anon-thp", "shmem", "tmpfs", "hugetlb-2m", "hugetlb-1g",
-                              "hugetlbfs-2m", "hugetlbfs-1g", "guest_memfd", "file", "file-hostfs"]
+                              "hugetlbfs-2m", "hugetlbfs-1g", "guest_memfd", "file", "file-hostfs", "devdax", "fsdax"]
     assert memory.kind("hugetlb-1g").page_size == PAGE_1G
     assert memory.kind("anon-thp").page_size == PAGE_2M
     assert memory.kind("shmem").page_size == PAGE_4K
@@ -169,7 +169,7 @@ def test_registry_filters():
     assert "anon-thp" not in memory.names(exclude=Feature.HUGE)
     assert memory.names(page_sizes=(PAGE_1G,)) == ["hugetlb-1g", "hugetlbfs-1g"]
     assert set(memory.names(require=Feature.FILE)) == {"tmpfs", "hugetlbfs-2m", "hugetlbfs-1g", "file",
-                                                       "file-hostfs"}
+                                                       "file-hostfs", "fsdax"}
 
 
 def test_kind_hugepage_needs_and_sizes():

@@ -65,6 +65,9 @@ def add_run_options(p: argparse.ArgumentParser, kernel_required: bool = True) ->
                    help="auto: KVM when the host offers nested virtualization, else TCG -cpu max")
     p.add_argument("--machine", choices=["auto", "microvm", "q35"], default="auto",
                    help="auto: microvm unless the kernel's config lacks CONFIG_VIRTIO_MMIO")
+    p.add_argument("--pmem", default="auto", metavar="SIZE|auto|off",
+                   help=f"two pmem devices of SIZE for the devdax/fsdax backings (auto: {runner.DEFAULT_PMEM} each "
+                        "when the kernel's config has CONFIG_LIBNVDIMM with ACPI_NFIT or VIRTIO_PMEM; needs q35)")
     p.add_argument("--append", default="", help="extra kernel command line (e.g. oops=panic)")
     p.add_argument("--qemu", default=runner.QEMU, help="QEMU binary (default %(default)s)")
 
@@ -83,7 +86,7 @@ def run_config(args: argparse.Namespace, kernel: Path, modules: Path | None, res
                             mem=args.mem, boot_timeout=args.boot_timeout, timeout=args.timeout,
                             boot_failure=_CODES[args.boot_failure], crash=_CODES[args.crash], accel=args.accel,
                             machine=args.machine, append=args.append, qemu=args.qemu, outdir=outdir,
-                            force=args.force)
+                            force=args.force, pmem=args.pmem)
 
 
 def resolve_kernel(spec: str, modules: Path | None = None, log=print) -> tuple[Path, Path | None]:

@@ -9,7 +9,8 @@
 
 Kinds: anon, anon-shared, anon-thp, shmem, tmpfs, hugetlb-2m, hugetlb-1g (memfd MFD_HUGETLB),
 hugetlbfs-2m, hugetlbfs-1g (file on a hugetlbfs mount), guest_memfd (KVM_CREATE_GUEST_MEMFD with
-MMAP|INIT_SHARED), file (ext4 on a loop device), file-hostfs (the machine's own filesystem), and
+MMAP|INIT_SHARED), file (ext4 on a loop device), file-hostfs (the machine's own filesystem), devdax and
+fsdax (persistent memory through DAX: harness.memory.dax; skip without pmem), and
 private (harness.memory.private: a guest_memfd private side + anonymous shared side, for
 SW-protected VMs; names() lists it only with require=Feature.PRIVATE).
 Pytest fixtures that reserve hugepages and skip with the reason live in harness.pytest.memory.
@@ -39,6 +40,7 @@ from harness.memory.backings import (
     ShmemBacking,
     TmpfsBacking,
 )
+from harness.memory.dax import DevDaxBacking, FsDaxBacking
 from harness.memory.hugepages import PAGE_1G, PAGE_2M, HugepagePool, HugepagesUnavailable, pages_for
 from harness.memory.mounts import Mounts
 from harness.memory.private import PrivateMemory
@@ -108,6 +110,8 @@ KINDS: dict[str, BackingKind] = {
         BackingKind("file", FileBacking, PAGE_4K, FileBacking.features, lambda s, v, m: FileBacking(s, m)),
         BackingKind("file-hostfs", HostFileBacking, PAGE_4K, HostFileBacking.features,
                     lambda s, v, m: HostFileBacking(s, m)),
+        BackingKind("devdax", DevDaxBacking, PAGE_2M, DevDaxBacking.features, lambda s, v, m: DevDaxBacking(s)),
+        BackingKind("fsdax", FsDaxBacking, PAGE_4K, FsDaxBacking.features, lambda s, v, m: FsDaxBacking(s, m)),
     )
 }
 

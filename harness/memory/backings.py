@@ -54,6 +54,10 @@ class Feature(enum.Flag):
     # convertible (harness.memory.private): a guest_memfd private side and a shared side; needs a VM
     # type with private memory, so names() leaves it out unless asked for
     PRIVATE = enum.auto()
+    DAX = enum.auto()  # persistent memory mapped through DAX (harness.memory.dax): ZONE_DEVICE pages, no page cache
+    # a device's own fixed memory (devdax): nothing to punch or truncate (fallocate: ENODEV), no
+    # read(2) (EINVAL); the memory never goes back to the kernel, the mapping is the only view
+    DEVICE = enum.auto()
 
 
 def _round_up(x: int, a: int) -> int:

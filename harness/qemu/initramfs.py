@@ -29,8 +29,9 @@ AMD_MODULES = ["ccp", "kvm_amd"]
 INTEL_MODULES = ["kvm_intel"]
 # pmem for the DAX backings (harness/memory/dax.py), the runner's --pmem device: the nvdimm core and
 # its ACPI NFIT / virtio-pmem front ends, the pmem block driver (fsdax: /dev/pmemN), the devdax
-# drivers (/dev/daxX.Y), ext4 to mount the pmem with -o dax. Harmless without a pmem device.
-DAX_MODULES = ["libnvdimm", "nfit", "virtio_pmem", "nd_pmem", "dax_pmem", "device_dax", "ext4"]
+# drivers (/dev/daxX.Y), ext4 to mount the pmem with -o dax (crc32c_generic: ext4's checksums up to
+# 6.x come through the crypto API, which .modinfo does not name). Harmless without a pmem device.
+DAX_MODULES = ["libnvdimm", "nfit", "virtio_pmem", "nd_pmem", "dax_pmem", "device_dax", "crc32c_generic", "ext4"]
 # cases/test_vhost.py: /dev/vhost-vsock (vhost, vhost_iotlb, vsock, vmw_vsock_virtio_transport_common
 # come with it from its .modinfo depends=)
 VHOST_MODULES = ["vhost_vsock"]

@@ -12,7 +12,7 @@ to the host and streamed live; sentinel lines carrying a per-run nonce say how f
     EXIT    /init's view of the Python exit status   (without RESULT: the harness died: 125)
 
 Every run is bounded (boot timeout, overall timeout), QEMU is killed by its pid in a finally, and the
-temporary directory (initramfs, extracted vmlinux) is removed.
+temporary directory (initramfs, extracted vmlinux, the pmem devices' backing files) is removed.
 """
 
 from __future__ import annotations
@@ -41,12 +41,16 @@ from harness.qemu import image, initramfs
 from harness.qemu.modules import ModuleError, ModuleTree
 
 GOOD, BAD, SKIP = 0, 1, 125
+CONFIG_ENV = "KVM_HARNESS_KERNEL_CONFIG"  # set in the guest: the booted image's .config (known issues read it)
 ACCEL_ENV = "KVM_HARNESS_ACCEL"  # set in the guest: how the CPU under its KVM is provided (tcg / kvm)
 ABORT = 128  # the selection itself is wrong (collects nothing, a usage error): git bisect run must stop
 QEMU = "qemu-system-x86_64"
 REPO = Path(__file__).resolve().parents[2]
 _SENTINEL = re.compile(r"@@KH-(BOOTED|RESULT|EXIT) ([0-9a-f]+)(?: (-?\d+))?@@")
 _MEM = re.compile(r"^\d+[MGT]?$", re.IGNORECASE)
+PMEM_ENV = "KVM_HARNESS_PMEM"  # set in the guest when the runner gave it pmem: "scratch" (harness/memory/dax.py)
+DEFAULT_PMEM = "256M"  # each of the two pmem devices --pmem auto gives a kernel with the drivers
+PMEM_DEVICES = 2  # one stays fsdax (/dev/pmem0, ext4 -o dax), the guest turns the other into devdax
 
 
 @dataclass
@@ -62,6 +66,7 @@ class RunConfig:
     crash: int = BAD  # the code for a guest that dies after /init started, before a verdict (--crash)
     accel: str = "auto"  # auto | kvm | tcg
     machine: str = "auto"  # auto | microvm | q35
+    pmem: str = "auto"  # auto | off | SIZE: two pmem devices of SIZE each (see choose_pmem)
     append: str = ""
     outdir: Path | None = None  # a host folder the guest may write (mounted read-write at the same path)
     force: bool = False  # run settings known to be unreliable (more than one vCPU under TCG) anyway
@@ -176,6 +181,21 @@ def unreliable(accel: str, cpus: int) -> str | None:
 def kernel_config(kernel: Path) -> dict[str, str]:
     """The kernel's .config when it sits where builds and packages put it (a build tree's root,
     /boot/config-VER next to vmlinuz-VER); empty when unknown."""
+    c = kernel_config_path(kernel)
+    if c is None:
+        return {}
+    cfg = {}
+    for line in c.read_text(errors="replace").splitlines():
+        if line.startswith("CONFIG_") and "=" in line:
+            k, v = line.split("=", 1)
+            cfg[k] = v
+        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            cfg[line[2:].split()[0]] = "n"
+    return cfg
+
+
+def kernel_config_path(kernel: Path) -> Path | None:
+    """Where kernel_config() reads the image's .config (None when there is none)."""
     candidates = []
     name = kernel.name
     if name.startswith(("vmlinuz-", "vmlinux-")):
@@ -185,25 +205,103 @@ def kernel_config(kernel: Path) -> dict[str, str]:
         candidates.append(up / ".config")
     for c in candidates:
         if c.is_file():
-            cfg = {}
-            for line in c.read_text(errors="replace").splitlines():
-                if line.startswith("CONFIG_") and "=" in line:
-                    k, v = line.split("=", 1)
-                    cfg[k] = v
-                elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
-                    cfg[line[2:].split()[0]] = "n"
-            return cfg
-    return {}
+            return c
+    return None
 
 
-def choose_machine(requested: str, config: dict[str, str]) -> str:
+def choose_machine(requested: str, config: dict[str, str], pmem: Pmem | None = None) -> str:
     """microvm (fast: qboot, no PCI; boots a PVH vmlinux or a bzImage) unless the kernel's config
-    says it has no virtio-mmio, microvm's only virtio transport: then q35 and virtio-pci."""
+    says it has no virtio-mmio, microvm's only virtio transport, or the guest gets pmem (QEMU 7.2's
+    microvm maps no memory device: no nvdimm=on, and a virtio-pmem on its virtio-mmio bus is never
+    plugged into guest memory): then q35 and virtio-pci."""
     if requested != "auto":
         return requested
+    if pmem is not None:
+        return "q35"
     if config and config.get("CONFIG_VIRTIO_MMIO", "n") == "n":
         return "q35"
     return "microvm"
+
+
+@dataclass(frozen=True)
+class Pmem:
+    """Persistent memory for the guest (the devdax/fsdax backings): PMEM_DEVICES QEMU devices, each
+    over a sparse file of `size` in the run's temporary directory (removed with it)."""
+
+    device: str  # "nvdimm" (ACPI NFIT, q35 nvdimm=on) or "virtio-pmem" (virtio-pmem-pci)
+    size: str
+    files: tuple[Path, ...]
+
+    def describe(self) -> str:
+        return f"{len(self.files)} x {self.size} {self.device}"
+
+
+def _mib(size: str) -> int:
+    """"2G" -> 2048 (QEMU's -m: a bare number is MiB)."""
+    if not _MEM.match(size):
+        raise ValueError(f"{size!r}: a size like 2G or 256M")
+    n, unit = (int(size[:-1]), size[-1].upper()) if size[-1].isalpha() else (int(size), "M")
+    return n << {"M": 0, "G": 10, "T": 20}[unit]
+
+
+def _on(config: dict[str, str], opt: str) -> bool:
+    return config.get(opt, "n") in ("y", "m")
+
+
+def choose_pmem(requested: str, config: dict[str, str], machine: str = "auto") -> tuple[str | None, str]:
+    """(pmem device kind or None, why). auto: when the kernel's config has LIBNVDIMM and one of its
+    front ends (ACPI_NFIT for an nvdimm, VIRTIO_PMEM), on any machine but an explicit microvm; an
+    explicit SIZE insists (ValueError where it cannot be had)."""
+    if requested in ("off", "0", "none"):
+        return None, "--pmem off"
+    explicit = requested != "auto"
+    if explicit and (_mib(requested) < 16 or _mib(requested) % 2):
+        raise ValueError(f"--pmem {requested}: at least 16M, in whole 2 MiB (devdax alignment)")
+    if machine == "microvm":
+        if explicit:
+            raise ValueError("--pmem needs --machine q35 (or auto): QEMU 7.2's microvm plugs no memory device")
+        return None, "no pmem on microvm (QEMU 7.2 plugs no memory device there)"
+    if not config:
+        if explicit:
+            return "nvdimm", "requested (the kernel's config is unknown: its drivers are assumed)"
+        return None, "the kernel's config is unknown: no pmem unless --pmem SIZE"
+    if not _on(config, "CONFIG_LIBNVDIMM"):
+        if explicit:
+            raise ValueError("--pmem: the kernel has no CONFIG_LIBNVDIMM")
+        return None, "the kernel has no CONFIG_LIBNVDIMM"
+    if _on(config, "CONFIG_ACPI_NFIT"):
+        return "nvdimm", "CONFIG_LIBNVDIMM and CONFIG_ACPI_NFIT"
+    if _on(config, "CONFIG_VIRTIO_PMEM"):
+        return "virtio-pmem", "CONFIG_LIBNVDIMM and CONFIG_VIRTIO_PMEM (no ACPI_NFIT)"
+    if explicit:
+        raise ValueError("--pmem: the kernel has neither CONFIG_ACPI_NFIT nor CONFIG_VIRTIO_PMEM")
+    return None, "the kernel has neither CONFIG_ACPI_NFIT nor CONFIG_VIRTIO_PMEM"
+
+
+def make_pmem(device: str, size: str, tmp: Path, count: int = PMEM_DEVICES) -> Pmem:
+    """The backing files, sparse (the host spends memory only on what the guest writes)."""
+    files = []
+    for i in range(count):
+        f = tmp / f"pmem{i}.img"
+        with open(f, "wb") as fh:
+            fh.truncate(_mib(size) << 20)
+        files.append(f)
+    return Pmem(device, size, tuple(files))
+
+
+def pmem_options(pmem: Pmem, mem: str) -> tuple[str, list[str], list[str]]:
+    """(machine property suffix, the -m value, the -object/-device args) for the pmem devices."""
+    n = len(pmem.files)
+    maxmem = _mib(mem) + n * _mib(pmem.size)
+    args: list[str] = []
+    for i, f in enumerate(pmem.files):
+        args += ["-object", f"memory-backend-file,id=pmem{i},share=on,mem-path={f},size={pmem.size}"]
+        if pmem.device == "nvdimm":
+            args += ["-device", f"nvdimm,memdev=pmem{i},id=nv{i}"]
+        else:
+            args += ["-device", f"virtio-pmem-pci,memdev=pmem{i},id=nv{i}"]
+    suffix = ",nvdimm=on" if pmem.device == "nvdimm" else ""
+    return suffix, f"{mem},slots={n},maxmem={maxmem}M", args
 
 
 def default_modules_dir(kernel: Path) -> Path | None:
@@ -264,12 +362,19 @@ def kernel_cmdline(accel: str, append: str, tsc_khz: int | None) -> str:
 
 
 def qemu_command(*, qemu: str, accel: str, machine: str, kernel: Path, initrd: Path, cpus: int, mem: str,
-                 cmdline: str, phys_bits: int | None = None, share: str = "/", outdir: Path | None = None) -> list[str]:
+                 cmdline: str, phys_bits: int | None = None, share: str = "/", outdir: Path | None = None,
+                 pmem: Pmem | None = None) -> list[str]:
     if not _MEM.match(mem):
         raise ValueError(f"--mem {mem!r}: a size like 2G or 1536M")
     if cpus < 1:
         raise ValueError("--cpus must be at least 1")
-    cmd = [qemu, "-M", machine, "-m", mem, "-smp", str(cpus), "-nodefaults", "-no-user-config",
+    machine_opt, mem_opt, pmem_args = machine, mem, []
+    if pmem is not None:
+        if machine == "microvm":
+            raise ValueError("pmem needs a PC machine (q35): QEMU 7.2's microvm plugs no memory device")
+        suffix, mem_opt, pmem_args = pmem_options(pmem, mem)
+        machine_opt += suffix
+    cmd = [qemu, "-M", machine_opt, "-m", mem_opt, "-smp", str(cpus), "-nodefaults", "-no-user-config",
            "-display", "none", "-no-reboot", "-serial", "stdio",
            "-kernel", str(kernel), "-initrd", str(initrd),
            "-append", cmdline,
@@ -286,7 +391,7 @@ def qemu_command(*, qemu: str, accel: str, machine: str, kernel: Path, initrd: P
     else:
         # max: SVM, so the guest's kvm_amd loads; phys-bits: the host's MAXPHYADDR (TCG accepts 32..52)
         cmd += ["-accel", "tcg", "-cpu", f"max,phys-bits={phys_bits}" if phys_bits else "max"]
-    return cmd
+    return cmd + pmem_args
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -353,6 +458,17 @@ def _run_in(cfg: RunConfig, out: TextIO, mods_dir: Path | None, busybox: str, t0
         accel, why = choose_accel(cfg.accel, nested_available() if cfg.accel == "auto" else None)
         # known issues of the emulator (environment = "tcg" in known-issues.toml) apply only there
         env[ACCEL_ENV] = accel
+        # the guest has no /proc/config.gz nor /boot/config-VER of its own: config-keyed known issues
+        # read the image's config through the shared root
+        cpath = kernel_config_path(cfg.kernel)
+        if cpath is not None:
+            env[CONFIG_ENV] = str(cpath.resolve())
+        config = kernel_config(cfg.kernel)
+        pmem_kind, pmem_why = choose_pmem(cfg.pmem, config, cfg.machine)
+        pmem = make_pmem(pmem_kind, DEFAULT_PMEM if cfg.pmem == "auto" else cfg.pmem, tmp) if pmem_kind else None
+        env.pop(PMEM_ENV, None)
+        if pmem is not None:
+            env[PMEM_ENV] = "scratch"  # the guest may format and reconfigure every pmem namespace it has
         if cfg.outdir is not None:
             cfg.outdir.mkdir(parents=True, exist_ok=True)
         spec = initramfs.GuestSpec(cfg.pytest_args, cfg.cwd, cfg.python, nonce, env,
@@ -361,7 +477,7 @@ def _run_in(cfg: RunConfig, out: TextIO, mods_dir: Path | None, busybox: str, t0
         _say(out, f"modules from {mods_dir or '(none: all built in?)'}: "
                   f"{' '.join(loads['base']) or '-'} | amd: {' '.join(loads['amd']) or '-'} "
                   f"| intel: {' '.join(loads['intel']) or '-'}")
-        machine = choose_machine(cfg.machine, kernel_config(cfg.kernel))
+        machine = choose_machine(cfg.machine, config, pmem)
         cpus = cfg.cpus or default_cpus(accel)
         why_not = unreliable(accel, cpus)
         if why_not and not cfg.force:
@@ -371,8 +487,9 @@ def _run_in(cfg: RunConfig, out: TextIO, mods_dir: Path | None, busybox: str, t0
         cmd = qemu_command(qemu=cfg.qemu, accel=accel, machine=machine, kernel=img.path,
                            initrd=tmp / "initramfs.cpio", cpus=cpus, mem=cfg.mem,
                            cmdline=kernel_cmdline(accel, cfg.append, host_tsc_khz()), phys_bits=host_phys_bits(),
-                           outdir=cfg.outdir.resolve() if cfg.outdir else None)
-        _say(out, f"accel {accel} ({why}), machine {machine}, {cpus} cpus, {cfg.mem}; "
+                           outdir=cfg.outdir.resolve() if cfg.outdir else None, pmem=pmem)
+        _say(out, f"accel {accel} ({why}), machine {machine}, {cpus} cpus, {cfg.mem}, "
+                  f"pmem {pmem.describe() if pmem else 'none'} ({pmem_why}); "
                   f"boot timeout {cfg.boot_timeout:g} s, overall {cfg.timeout:g} s")
         res = _boot(cmd, nonce, cfg, out, t0)
     except (OSError, ValueError, ModuleError) as e:

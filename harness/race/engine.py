@@ -31,7 +31,7 @@ from harness.health import case as case_health
 from harness.kvm.caps import VmType
 from harness.kvm.errors import HarnessError, KvmError
 from harness.kvm.stats import delta as stats_delta
-from harness.kvm.watchdog import WATCHDOG
+from harness.kvm.watchdog import WATCHDOG, kick_thread
 from harness.lib.guestvm import GuestVm
 from harness.memory import PAGE_2M, PAGE_4K, Feature
 from harness.memory.private import private_memory_reason
@@ -202,7 +202,8 @@ class Race:
                 rep.duration = time.monotonic() - t0
                 rep.sweeps_in_race = sum(self._sweeps()) - sum(sw0)
                 self._stop_disruptors(dthreads)
-                if spec.kvmclock and not self.report.stalls:
+                # (a disruptor still stuck in the kernel holds the writers' lock the pvclock read takes)
+                if spec.kvmclock and not self.report.stalls and not any(t.is_alive() for t in dthreads):
                     setter.once()  # the race is over: this one can only pass or miss
                 # a quiet sweep: one started after the last host op, every read judged
                 now = self._sweeps()
@@ -279,11 +280,21 @@ class Race:
             thread=thread, in_run=in_run, regs=regs))
 
     def _stop_disruptors(self, threads: list[threading.Thread]) -> None:
+        """Bounded: a host operation stuck in the kernel (an interruptible sleep that never ends) is
+        reported with its kernel stack, then interrupted by the watchdog's kick signal (no SA_RESTART:
+        the syscall returns EINTR, the disruptor fails and releases the seqlock)."""
         self._stop_disrupt.set()
         for th in threads:
             th.join(10.0)
             if th.is_alive():
-                self.report.errors.append(f"disruptor thread {th.name} did not stop within 10 s")
+                st = O.thread_state(th.native_id or 0)
+                kick_thread(th.ident or 0)
+                th.join(5.0)
+                after = "still stuck after a kick signal" if th.is_alive() else "a kick signal ended the syscall"
+                stack = "\n".join("    " + ln for ln in st.stack.strip().splitlines()) or "    (empty)"
+                self.report.errors.append(f"disruptor thread {th.name} did not stop within 10 s ({after}); "
+                                          f"tid {st.tid} state {st.state} wchan {st.wchan or '-'}, kernel stack:\n"
+                                          f"{stack}")
 
     def _stop_vcpus(self) -> None:
         assert self.vm is not None and self.mem is not None
