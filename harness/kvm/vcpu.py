@@ -28,7 +28,7 @@ from harness.kvm.stats import Stats
 from harness.kvm.watchdog import WATCHDOG, kick_thread
 
 _get_ident = threading.get_ident
-_kh_run = lib.kh_run
+_kh_run_fast = lib.kh_run_fast
 _decode = exits.decode
 _Io = exits.Io
 # struct kvm_run up to the io member: exit_reason at 8; io.{direction, size, port, count,
@@ -79,7 +79,11 @@ class Vcpu:
         self.kvm_run: Any = ffi.cast("struct kvm_run *", self._run_buf)
         self._run = self.kvm_run
         self._buf = ffi.buffer(self._run_buf)
-        self._exit_reason_p = ffi.addressof(self._run, "exit_reason")  # kh_run clears it
+        # the fast path's state (kh_run_fast): every run() goes through it; with nothing to absorb
+        # it returns after one KVM_RUN, as a plain ioctl would
+        self._fast: Any = ffi.new("struct kh_vcpu_fast *")
+        self._fast.fd = fd
+        self._fast.run = self._run
         # the watchdog's interface (harness.kvm.watchdog.Bounded), read from its own thread
         self.run_thread = 0
         self.expired: str | None = None
@@ -114,7 +118,7 @@ class Vcpu:
         if self.expired is not None:
             raise self._timeout()
         self.run_thread = _get_ident()
-        rc = _kh_run(self.fd, self._exit_reason_p)
+        rc = _kh_run_fast(self._fast)
         self.run_thread = 0
         self.exit_count += 1
         if rc:
@@ -141,6 +145,50 @@ class Vcpu:
         """Make the vCPU leave KVM_RUN now (or refuse to enter it) with EINTR."""
         self._run.immediate_exit = 1
         kick_thread(self.run_thread)
+
+    # ---- the fast path: exits absorbed in C -------------------------------------------------------
+    def absorb_out(self, *ports: int) -> None:
+        """OUT to these ports no longer leaves run(): KVM_RUN is re-entered in C and the exit counted
+        (`absorbed_exits()`: "pio_out", and "last_out" the last value). Replaces the set (up to 8);
+        no ports: off. (GuestVcpu refuses the ucall port: a ucall must reach Python.)"""
+        if len(ports) > len(self._fast.sink_ports):
+            raise BadInput("Vcpu.absorb_out", "ports", ports, f"has more than {len(self._fast.sink_ports)} ports")
+        for i, p in enumerate(ports):
+            self._fast.sink_ports[i] = check_uint("Vcpu.absorb_out", "port", p, 16)
+        self._fast.nsink = len(ports)
+
+    def absorb_mmio(self, lo: int, hi: int, read_value: int = 0) -> None:
+        """MMIO exits at GPAs in [lo, hi) complete in C: writes are counted, reads return
+        `read_value` (little-endian, cut to the access's length) and are counted. lo == hi: off."""
+        lo = check_uint("Vcpu.absorb_mmio", "lo", lo, 64)
+        hi = check_uint("Vcpu.absorb_mmio", "hi", hi, 64)
+        if hi < lo:
+            raise BadInput("Vcpu.absorb_mmio", "hi", hi, f"is below lo={lo:#x}")
+        self._fast.mmio_read_value = check_uint("Vcpu.absorb_mmio", "read_value", read_value, 64)
+        self._fast.mmio_lo, self._fast.mmio_hi = lo, hi
+
+    def absorbed_exits(self) -> dict[str, int]:
+        """What the fast path absorbed since run_absorbing() last reset it, and KVM_RUN returns in all."""
+        f = self._fast
+        return {"absorbed": f.absorbed, "pio_out": f.pio_out, "last_out": f.last_out,
+                "mmio_reads": f.mmio_reads, "mmio_writes": f.mmio_writes, "kvm_run_returns": f.exits}
+
+    def run_absorbing(self, budget: int) -> Exit:
+        """run(), returning after `budget` absorbed exits at the latest (that last one is returned,
+        an Io or Mmio exit: the caller sees it as the C loop did); the counters restart at 0."""
+        f = self._fast
+        f.budget = check_uint("Vcpu.run_absorbing", "budget", budget, 64)
+        f.absorbed = f.pio_out = f.mmio_reads = f.mmio_writes = 0
+        try:
+            return self.run()
+        finally:
+            f.budget = 0
+
+    @property
+    def in_run_flag(self) -> Any:
+        """`int32_t *`, 1 exactly while this vCPU's thread is inside KVM_RUN (for C loops that
+        measure overlap without the GIL); valid while the vCPU is open."""
+        return ffi.addressof(self._fast, "in_run")
 
     def reset_watchdog(self) -> None:
         """Clear an expiry so the vCPU can run again (after a deliberate timeout)."""
@@ -316,6 +364,7 @@ class Vcpu:
         self.__class__ = closed_class(type(self))
         stats, mm = self._stats, self._mm
         self._buf = None
+        self._fast = None
         self._run = self.kvm_run = None
         self._run_buf = None
         self._mm = None

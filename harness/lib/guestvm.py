@@ -20,7 +20,7 @@ from harness.kvm.vcpu import Vcpu
 from harness.kvm.vm import Memslot, Vm
 from harness.lib import run
 from harness.lib.guest import GuestImage, load_image
-from harness.lib.ucall import Ucall
+from harness.lib.ucall import UCALL_PORT, Ucall
 from harness.unsupported import Unsupported
 from harness.x86.modes import GDT_GPA, Mode, gdt_bytes, setup_sregs, unsupported_reason
 from harness.x86.paging import PageTables
@@ -57,6 +57,13 @@ class GuestVcpu(Vcpu):
         r = self.get_regs()
         r.rsi = arg
         self.set_regs(r)
+
+    def absorb_out(self, *ports: int) -> None:
+        """Vcpu.absorb_out, refusing the ucall port (ucalls must reach run_until_ucall)."""
+        if UCALL_PORT in ports:
+            raise BadInput("GuestVcpu.absorb_out", "ports", ports,
+                           f"includes the ucall port {UCALL_PORT:#x}: the guest's ucalls would be lost")
+        super().absorb_out(*ports)
 
     def run_until_ucall(
         self, timeout: float | None = None, *, on_exit: run.ExitHandler | None = None,
