@@ -24,12 +24,14 @@ Step for step, harness side (left) and bench/dirty_harvest.c (right), per pass:
 
   Mailbox.call(1, gva, list, N, round, 0, 0, 0)  the 8 descriptor words, KVM_RUN to the ucall,
     (post + run_until_ucall + SYNC check)          check SYNC
-  log:  vm.get_dirty_pages(1): a fresh bitmap,    calloc'd bitmap, KVM_GET_DIRTY_LOG, the set bits
-        KVM_GET_DIRTY_LOG, bitmap_pages() -> set    into an array of page numbers
-        vm.clear_dirty_pages(1, got):             a fresh bitmap built from that array,
-        pages_bitmap(got), KVM_CLEAR_DIRTY_LOG      KVM_CLEAR_DIRTY_LOG(first 0, N pages)
-  ring: ring.harvest(): entries while DIRTY,      the same walk into an array of (slot, offset),
-        each set to RESET, as a list                each entry's flags set to RESET
+  log:  vm.get_dirty_page_array(1): a fresh      calloc'd bitmap, KVM_GET_DIRTY_LOG, the set bits
+        bitmap, KVM_GET_DIRTY_LOG, the set bits     into an array of page numbers
+        as array('I') (walked in C)
+        vm.clear_dirty_pages(1, got): a fresh     a fresh bitmap built from that array,
+        bitmap from the array (in C), CLEAR         KVM_CLEAR_DIRTY_LOG(first 0, N pages)
+  ring: ring.harvest_arrays(): entries while      the same walk into an array of (slot, offset),
+        DIRTY, each set to RESET, into two          each entry's flags set to RESET
+        arrays (walked in C)
         vm.reset_dirty_rings()                    KVM_RESET_DIRTY_RINGS
   check: N pages harvested (ring: N reset)        the same checks
 
@@ -104,10 +106,10 @@ def harness_dirty(method: str, passes: int, mib: int = MIB) -> dict[str, float]:
                 uc = mb.call(CMD_PASS, GVA, lst, npages, rnd, 0, 0, 0)
                 t1 = clock(mono)
                 if ring is not None:
-                    got = ring.harvest()
+                    _, got = ring.harvest_arrays()
                     reset = vm.reset_dirty_rings()
                 else:
-                    got = vm.get_dirty_pages(SLOT)
+                    got = vm.get_dirty_page_array(SLOT)
                     vm.clear_dirty_pages(SLOT, got)
                     reset = len(got)
                 t2 = clock(mono)

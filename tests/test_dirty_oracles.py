@@ -7,11 +7,22 @@ import mmap
 import os
 import random
 import struct
+from array import array
 
 import pytest
 
+from harness.kvm._cffi import ffi
 from harness.kvm.caps import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET
-from harness.kvm.dirty import PAGE, DirtyRing, bitmap_pages, dirty_value, pages_bitmap, word_offset
+from harness.kvm.dirty import (
+    PAGE,
+    DirtyRing,
+    bitmap_page_array,
+    bitmap_pages,
+    dirty_value,
+    page_array_bitmap,
+    pages_bitmap,
+    word_offset,
+)
 from harness.kvm.errors import HarnessError
 from harness.oracles.dirty import (
     dirty_pages,
@@ -43,6 +54,22 @@ def test_bitmap_layout_is_kvms():
     assert bitmap_pages(struct.pack("<Q", 0b1011), npages=2) == {0, 1}  # bits past the slot ignored
     with pytest.raises(ValueError):
         pages_bitmap([128], 128)
+
+
+def test_bitmap_walked_in_c_agrees_with_python():
+    rng = random.Random(2)
+    for npages in (1, 63, 64, 65, 1000, 8192, 262144):
+        pages = set(rng.sample(range(npages), min(npages, rng.choice((0, 1, 50, npages)))))
+        bm = pages_bitmap(pages, npages)
+        got = bitmap_page_array(bm, npages)
+        assert got.typecode == "I" and list(got) == sorted(pages)  # ascending, each once
+        assert bytes(ffi.buffer(page_array_bitmap(got, npages))) == bm
+    # bits past the slot's last page are not pages of the slot
+    assert list(bitmap_page_array(struct.pack("<Q", 0b1011), 2)) == [0, 1]
+    with pytest.raises(ValueError, match="page 128 is outside a slot of 128 pages"):
+        page_array_bitmap(array("I", [3, 128]), 128)
+    with pytest.raises(HarnessError, match="cannot hold"):
+        bitmap_page_array(b"\0" * 8, 65)
 
 
 def test_ranges():
@@ -241,13 +268,33 @@ def test_dirty_ring_harvest_protocol():
         v.close()
 
 
+def test_dirty_ring_harvest_arrays_and_limit():
+    v = _FakeVcpu(256)
+    ring = DirtyRing(v, 256)  # type: ignore[arg-type]
+    try:
+        for o in range(10):
+            v.push(3, 100 + o)
+        slots, offs = ring.harvest_arrays(limit=4)
+        assert (slots.typecode, offs.typecode) == ("I", "Q")
+        assert list(slots) == [3] * 4 and list(offs) == [100, 101, 102, 103]
+        assert v.flags(4) == KVM_DIRTY_GFN_F_DIRTY  # past the limit: untouched
+        assert ring.harvest() == [(3, 100 + o) for o in range(4, 10)]
+        assert ring.harvested == 10 and ring.fetch == 10
+    finally:
+        ring.close()
+        v.close()
+
+
 def test_dirty_ring_refuses_dirty_and_reset():
     v = _FakeVcpu(256)
     ring = DirtyRing(v, 256)  # type: ignore[arg-type]
     try:
         struct.pack_into("<IIQ", v.mm, 0, KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET, 1, 0)
-        with pytest.raises(HarnessError, match="DIRTY\\|RESET"):
+        v.push(1, 5)  # entry 0 is DIRTY|RESET (written below), entry 1 fine: the error names entry 0
+        struct.pack_into("<IIQ", v.mm, 0, KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET, 1, 0)
+        with pytest.raises(HarnessError, match="entry 0 has flags 0x3: DIRTY\\|RESET"):
             ring.harvest()
+        assert ring.fetch == 0
     finally:
         ring.close()
         v.close()

@@ -539,6 +539,14 @@ struct kh_vcpu_fast {
     uint16_t sink_ports[8];    /* OUT to these ports is absorbed */
 };
 int kh_run_fast(struct kh_vcpu_fast *f);
+
+/* Dirty harvests in bulk (harness/kvm/dirty.py): a bitmap's set bits as page numbers; page numbers
+ * as a bitmap (-(i+1) when pages[i] is outside the slot); a dirty ring's DIRTY entries from fetch,
+ * each marked RESET (-(n+1) when entry fetch+n is DIRTY|RESET). */
+uint64_t kh_bitmap_pages(const uint64_t *bm, uint64_t npages, uint32_t *out);
+int64_t kh_pages_bitmap(const uint32_t *pages, uint64_t n, uint64_t npages, uint64_t *bm);
+int64_t kh_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t entries, uint64_t fetch, uint64_t limit,
+                        uint32_t *slots, uint64_t *offsets);
 """
 
 FAST_SRC = r"""
@@ -546,6 +554,52 @@ FAST_SRC = r"""
 #define KH_EXIT_IO 2
 #define KH_EXIT_MMIO 6
 #define KH_IO_OUT 1
+
+uint64_t kh_bitmap_pages(const uint64_t *bm, uint64_t npages, uint32_t *out)
+{
+    uint64_t n = 0;
+    for (uint64_t w = 0; w < (npages + 63) / 64; w++) {
+        for (uint64_t x = bm[w]; x; x &= x - 1) {
+            uint64_t p = w * 64 + (uint64_t)__builtin_ctzll(x);
+            if (p >= npages)
+                break;
+            out[n++] = (uint32_t)p;
+        }
+    }
+    return n;
+}
+
+int64_t kh_pages_bitmap(const uint32_t *pages, uint64_t n, uint64_t npages, uint64_t *bm)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        if (pages[i] >= npages)
+            return -(int64_t)(i + 1);
+        bm[pages[i] >> 6] |= 1ULL << (pages[i] & 63);
+    }
+    return 0;
+}
+
+#define KH_DIRTY_GFN_F_DIRTY 1U
+#define KH_DIRTY_GFN_F_RESET 2U
+
+int64_t kh_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t entries, uint64_t fetch, uint64_t limit,
+                        uint32_t *slots, uint64_t *offsets)
+{
+    uint64_t n = 0;
+    while (n < limit) {
+        struct kvm_dirty_gfn *e = &ring[(fetch + n) & (entries - 1)];
+        uint32_t flags = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);  /* then slot/offset */
+        if (!(flags & KH_DIRTY_GFN_F_DIRTY))
+            break;
+        if (flags & KH_DIRTY_GFN_F_RESET)
+            return -(int64_t)(n + 1);
+        slots[n] = e->slot;
+        offsets[n] = e->offset;
+        __atomic_store_n(&e->flags, KH_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+        n++;
+    }
+    return (int64_t)n;
+}
 
 static int kh_absorb(struct kh_vcpu_fast *f)
 {

@@ -3,6 +3,7 @@ harness.oracles.dirty.
 
     ring = DirtyRing(vcpu, entries)          # after vm.enable_dirty_ring(); mmaps the vCPU's ring
     got = ring.harvest()                     # [(slot, page offset), ...] in ring order, marked RESET
+    slots, offsets = ring.harvest_arrays()   # the same, as two arrays, walked in C (no per-entry Python)
     vm.reset_dirty_rings()                   # KVM re-protects the harvested pages
 """
 
@@ -12,9 +13,10 @@ import mmap
 import sys
 from array import array
 from collections.abc import Iterable
+from typing import Any
 
-from harness.kvm._cffi import ffi
-from harness.kvm.caps import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET
+from harness.kvm._cffi import ffi, lib
+from harness.kvm.caps import KVM_DIRTY_LOG_PAGE_OFFSET
 from harness.kvm.errors import HarnessError
 from harness.kvm.ioctl import HasFd
 
@@ -25,6 +27,29 @@ KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
 
 # ---- bitmaps -------------------------------------------------------------------------------------
+def bitmap_page_array(bitmap: Any, npages: int) -> array:
+    """array('I') of the page numbers whose bit is set, ascending, from a KVM bitmap (a
+    `uint64_t[]` cdata or bytes of whole u64 words), walked in C."""
+    bm = bitmap if isinstance(bitmap, ffi.CData) else ffi.from_buffer("uint64_t[]", bitmap)
+    if ffi.sizeof(bm) * 8 < npages:
+        raise HarnessError(f"a bitmap of {ffi.sizeof(bm)} bytes cannot hold {npages} pages")
+    out = ffi.new("uint32_t[]", max(npages, 1))
+    n = lib.kh_bitmap_pages(bm, npages, out)
+    a = array("I")
+    a.frombytes(ffi.buffer(out, 4 * n))
+    return a
+
+
+def page_array_bitmap(pages: array, npages: int) -> Any:
+    """A zeroed `uint64_t[]` bitmap for a slot of npages with `pages` (array('I')) set, in C."""
+    bm = ffi.new("uint64_t[]", (npages + 63) // 64 or 1)
+    src = ffi.from_buffer("uint32_t[]", pages) if len(pages) else ffi.NULL
+    rc = lib.kh_pages_bitmap(src, len(pages), npages, bm)
+    if rc < 0:
+        raise ValueError(f"page {pages[-rc - 1]} is outside a slot of {npages} pages")
+    return bm
+
+
 def bitmap_pages(bitmap: bytes, npages: int | None = None) -> set[int]:
     """Page numbers whose bit is set (KVM's layout: little-endian u64 words, bit i = page i)."""
     n = len(bitmap) * 8 if npages is None else npages
@@ -96,22 +121,30 @@ class DirtyRing:
 
     def harvest(self, limit: int | None = None) -> list[tuple[int, int]]:
         """Entries KVM published since the last harvest, in ring order, each marked RESET."""
-        out = []
-        g = self._gfns
-        n = self.entries
-        while limit is None or len(out) < limit:
-            e = g[self.fetch % n]
-            flags = e.flags
-            if not flags & KVM_DIRTY_GFN_F_DIRTY:
-                break
-            if flags & KVM_DIRTY_GFN_F_RESET:
-                raise HarnessError(f"dirty ring entry {self.fetch} has flags {flags:#x}: DIRTY|RESET, "
-                                   "KVM published an entry userspace had not handed back")
-            out.append((e.slot, e.offset))
-            e.flags = KVM_DIRTY_GFN_F_RESET
-            self.fetch += 1
-        self.harvested += len(out)
-        return out
+        slots, offsets = self.harvest_arrays(limit)
+        return list(zip(slots, offsets, strict=True))
+
+    def harvest_arrays(self, limit: int | None = None) -> tuple[array, array]:
+        """harvest() as (array('I') of slots, array('Q') of page offsets), the walk done in C: from
+        the fetch index while entries are DIRTY, each marked RESET (a store-release after the
+        load-acquire of its flags)."""
+        if self._mm is None:
+            raise HarnessError("the dirty ring is closed")
+        cap = self.entries if limit is None else max(0, min(limit, self.entries))
+        slots = ffi.new("uint32_t[]", max(cap, 1))
+        offs = ffi.new("uint64_t[]", max(cap, 1))
+        n = lib.kh_ring_harvest(self._gfns, self.entries, self.fetch, cap, slots, offs)
+        if n < 0:
+            bad = self.fetch - n - 1
+            flags = self.peek(bad)[0]
+            raise HarnessError(f"dirty ring entry {bad} has flags {flags:#x}: DIRTY|RESET, "
+                               "KVM published an entry userspace had not handed back")
+        self.fetch += n
+        self.harvested += n
+        a, b = array("I"), array("Q")
+        a.frombytes(ffi.buffer(slots, 4 * n))
+        b.frombytes(ffi.buffer(offs, 8 * n))
+        return a, b
 
     def close(self) -> None:
         if self._mm is not None:

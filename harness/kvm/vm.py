@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from harness.kvm._cffi import ffi
 from harness.kvm.caps import KVM_MEM_GUEST_MEMFD, Cap, MemoryAttributes
 from harness.kvm.checks import check_size, check_uint, closed_class
-from harness.kvm.dirty import bitmap_pages, pages_bitmap
+from harness.kvm.dirty import bitmap_page_array, page_array_bitmap, pages_bitmap
 from harness.kvm.errors import BadInput, ClosedError, HarnessError
 from harness.kvm.ioctl import kvm_ioctl
 from harness.kvm.stats import Stats
@@ -400,14 +402,17 @@ class Vm:
         kvm_ioctl(self.fd, "KVM_UNREGISTER_COALESCED_MMIO", z, lambda: f"addr={addr:#x}, size={size:#x}")
 
     def get_dirty_log(self, slot: int) -> bytes:
-        m = self._slot(slot, "Vm.get_dirty_log")
+        return bytes(ffi.buffer(self._get_dirty_bitmap(slot, "Vm.get_dirty_log")))
+
+    def _get_dirty_bitmap(self, slot: int, where: str) -> Any:
+        m = self._slot(slot, where)
         npages = m.size // 4096
         bitmap = ffi.new("uint64_t[]", (npages + 63) // 64)
         d = ffi.new("struct kvm_dirty_log *")
         d.slot = slot
         d.dirty_bitmap = bitmap
         kvm_ioctl(self.fd, "KVM_GET_DIRTY_LOG", d, lambda: f"slot={slot}")
-        return bytes(ffi.buffer(bitmap))
+        return bitmap
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
         w = f"KVM_CLEAR_DIRTY_LOG memslot {slot}"
@@ -418,7 +423,9 @@ class Vm:
         if len(bitmap) < need:
             raise BadInput(w, "bitmap", f"{len(bitmap)} bytes", f"is shorter than the {need} bytes KVM reads for "
                            f"num_pages={num_pages}")
-        buf = ffi.new("char[]", bitmap)
+        self._clear_dirty_bitmap(slot, first_page, num_pages, ffi.new("char[]", bitmap))
+
+    def _clear_dirty_bitmap(self, slot: int, first_page: int, num_pages: int, buf: Any) -> None:
         c = ffi.new("struct kvm_clear_dirty_log *")
         c.slot, c.first_page, c.num_pages, c.dirty_bitmap = slot, first_page, num_pages, buf
         kvm_ioctl(self.fd, "KVM_CLEAR_DIRTY_LOG", c,
@@ -457,13 +464,22 @@ class Vm:
 
     def get_dirty_pages(self, slot: int) -> set[int]:
         """KVM_GET_DIRTY_LOG as a set of page numbers within the slot."""
-        return bitmap_pages(self.get_dirty_log(slot), self._slot(slot, "Vm.get_dirty_pages").size // 4096)
+        return set(self.get_dirty_page_array(slot))
 
-    def clear_dirty_pages(self, slot: int, pages: set[int] | None = None) -> None:
-        """KVM_CLEAR_DIRTY_LOG over the whole slot for `pages` (all pages when None)."""
+    def get_dirty_page_array(self, slot: int) -> array:
+        """KVM_GET_DIRTY_LOG as an array('I') of page numbers, ascending (the bitmap walked in C)."""
+        npages = self._slot(slot, "Vm.get_dirty_page_array").size // 4096
+        return bitmap_page_array(self._get_dirty_bitmap(slot, "Vm.get_dirty_page_array"), npages)
+
+    def clear_dirty_pages(self, slot: int, pages: Iterable[int] | array | None = None) -> None:
+        """KVM_CLEAR_DIRTY_LOG over the whole slot for `pages` (all pages when None); an array('I')
+        (get_dirty_page_array's) becomes the bitmap in C."""
         npages = self._slot(slot, "Vm.clear_dirty_pages").size // 4096
-        bits = pages_bitmap(range(npages) if pages is None else pages, npages)
-        self.clear_dirty_log(slot, 0, npages, bits)
+        if isinstance(pages, array) and pages.typecode == "I":
+            slot = check_uint("KVM_CLEAR_DIRTY_LOG", "slot", slot, 32)
+            self._clear_dirty_bitmap(slot, 0, npages, page_array_bitmap(pages, npages))
+            return
+        self.clear_dirty_log(slot, 0, npages, pages_bitmap(range(npages) if pages is None else pages, npages))
 
     def stats(self) -> Stats:
         if self._stats is None:
