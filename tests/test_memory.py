@@ -15,7 +15,7 @@ import pytest
 from harness import memory
 from harness.kvm.caps import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from harness.kvm.errors import HarnessError
-from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K, Feature, hugepages, mounts
+from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K, Feature, hugepages, mounts, usage
 from harness.memory.hugepages import HugepagePool, HugepagesUnavailable
 from harness.memory.memtouch import (
     MASK,
@@ -197,6 +197,20 @@ def test_punch_hole_releases_and_zeroes(name):
         with pytest.raises(HarnessError, match="outside"):
             b.punch_hole(1 << 20, 4096)
     assert b.closed and b.addr == 0
+
+
+def test_folio_at_is_the_same_folio_from_each_of_its_pages():
+    """usage.folio_at (pagemap + kpageflags): the folio around a mapped page, found the same from each of
+    its pages; a hugepage-advised anonymous range gives a THP (2 MiB) or, with none to be had, 4 KiB."""
+    with memory.create("anon-thp", PAGE_2M) as b:
+        host_fill(b.view(), 5, PAGE_4K)
+        f = usage.folio_at(b.addr + 0x5123)
+        assert f.size in (PAGE_4K, PAGE_2M) and f.addr <= b.addr + 0x5000 < f.end, f.describe(b.addr)
+        assert f.addr % f.size == 0 and f.large == (f.size > PAGE_4K)
+        assert all(usage.folio_at(a) == f for a in (f.addr, f.end - PAGE_4K))
+        assert f.has(usage.KPF_COMPOUND_HEAD) == f.large and f.describe(b.addr).startswith("[0x")
+    with memory.create("anon", PAGE_4K) as b, pytest.raises(OSError, match="no PFN"):
+        usage.folio_at(b.addr)  # never touched: nothing mapped
 
 
 def test_remap_keeps_or_drops_data():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.kvm._cffi import ffi, lib
@@ -24,6 +26,70 @@ def resident_bytes(addr: int, length: int) -> int:
         e = ffi.errno
         raise OSError(e, f"mincore({addr:#x}, {length:#x}): {os.strerror(e)}")
     return sum(b & 1 for b in bytes(ffi.buffer(vec))) * PAGE_SIZE
+
+
+# /proc/self/pagemap and /proc/kpageflags (Documentation/admin-guide/mm/pagemap.rst; both need root
+# for PFNs): which folio of the page cache backs a mapped page, and its state
+PM_PRESENT = 1 << 63
+PM_PFN_MASK = (1 << 55) - 1
+KPF_DIRTY, KPF_WRITEBACK, KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL = 4, 8, 15, 16
+KPF_PRIVATE = 35  # include/linux/kernel-page-flags.h: PG_private (buffer heads, iomap state)
+MAX_FOLIO_PAGES = 1 << 18  # a 1 GiB folio: the walk below gives up beyond it
+
+
+@dataclass(frozen=True)
+class Folio:
+    """The folio behind one mapped page: its first page's address in the mapping, size and the
+    kpageflags of its head page."""
+
+    addr: int
+    size: int
+    flags: int
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
+
+    @property
+    def large(self) -> bool:
+        return self.size > PAGE_SIZE
+
+    def has(self, bit: int) -> bool:
+        return bool(self.flags >> bit & 1)
+
+    def describe(self, base: int = 0) -> str:
+        """Its range relative to `base` (a mapping's start), size and state."""
+        state = ",".join(n for n, b in (("dirty", KPF_DIRTY), ("writeback", KPF_WRITEBACK),
+                                        ("private", KPF_PRIVATE)) if self.has(b)) or "clean"
+        return f"[{self.addr - base:#x}, {self.end - base:#x}) {self.size // 1024} KiB {state}"
+
+
+def _kpageflags(f, pfn: int) -> int:
+    f.seek(pfn * 8)
+    return struct.unpack("<Q", f.read(8))[0]
+
+
+def folio_at(addr: int) -> Folio:
+    """The folio whose page is mapped at `addr` in this process (pagemap for the PFN, kpageflags for
+    the compound head and tails around it). Raises OSError when the page is not mapped or PFNs are
+    hidden (not root)."""
+    page = addr // PAGE_SIZE * PAGE_SIZE
+    with open("/proc/self/pagemap", "rb") as pm:
+        pm.seek(page // PAGE_SIZE * 8)
+        (entry,) = struct.unpack("<Q", pm.read(8))
+    pfn = entry & PM_PFN_MASK
+    if not entry & PM_PRESENT or not pfn:
+        raise OSError(f"no PFN for {page:#x} in /proc/self/pagemap (not mapped, or not root)")
+    with open("/proc/kpageflags", "rb") as kf:
+        head = pfn
+        while _kpageflags(kf, head) >> KPF_COMPOUND_TAIL & 1 and pfn - head < MAX_FOLIO_PAGES:
+            head -= 1
+        flags = _kpageflags(kf, head)
+        n = 1
+        if flags >> KPF_COMPOUND_HEAD & 1:
+            while n < MAX_FOLIO_PAGES and _kpageflags(kf, head + n) >> KPF_COMPOUND_TAIL & 1:
+                n += 1
+    return Folio(page - (pfn - head) * PAGE_SIZE, n * PAGE_SIZE, flags)
 
 
 def allocated_bytes(fd: int) -> int:
