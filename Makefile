@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 
 all: setup
 
-$(VENV)/.installed: pyproject.toml setup.py harness/kvm/_cdefs.py harness/kvm/_build.py
+$(VENV)/.installed: pyproject.toml setup.py harness/kvm/_cdefs.py harness/kvm/_build.py \
+		harness/race/_fast_cdefs.py harness/race/_fast_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -6,6 +6,12 @@ anonymous memory. The C program gets the harness's own guest: the boot slot (pay
 control page) and the vCPU registers of a Race set up by the harness, dumped once into a
 temporary directory. Per op both sides do: gentab[] odd for the range, note whether the vCPU is
 in KVM_RUN, the syscall(s), note again, the new tags, gentab[] even.
+
+The harness side runs each disruptor's inner loop in C (harness/race/_fast_cdefs.py,
+`kh_disrupt_run`): the same steps as race_disrupt.c's loop plus the writers' lock (a semaphore) and
+page0_changes; the loop returns to Python every 10 ms (stop event, op count for the engine's
+monitor). The harness's vCPU thread still handles its exits in Python (ucalls, MMIO exits of
+unmapped ranges), C's in a plain loop: that shows in sweeps_per_s, which trades off with host ops/s.
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ RACE_PUNCH_SHMEM = register(Bench(
     py=lambda n: harness_race("shmem", "punch", n),
     count_option="race_ops",
     default_count=20_000,
-    target=0.7,
+    target=0.9,
     secondary=("sweeps_per_s",),
     unit="ops/s",
     params={"pin": PIN},
@@ -126,7 +132,7 @@ RACE_REMAP_ANON = register(Bench(
     py=lambda n: harness_race("anon", "remap", n),
     count_option="race_ops",
     default_count=20_000,
-    target=0.7,
+    target=0.9,
     secondary=("sweeps_per_s",),
     unit="ops/s",
     params={"pin": PIN},

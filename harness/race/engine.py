@@ -284,6 +284,8 @@ class Race:
         reported with its kernel stack, then interrupted by the watchdog's kick signal (no SA_RESTART:
         the syscall returns EINTR, the disruptor fails and releases the seqlock)."""
         self._stop_disrupt.set()
+        for d in self.disruptors:
+            d.request_stop()  # a C loop sees the event only between slices
         for th in threads:
             th.join(10.0)
             if th.is_alive():

@@ -6,18 +6,21 @@ Host side: the backing's mapping, seen as 8-byte words (`words`) and one tag per
 Writers of the protocol (protocol.py) bracket every change of the region with begin_change() and
 end_change(): the range's pages odd in gentab[], the change, then the next generation's tags and
 gentab[] even; one lock serializes the writers (several disruptors, the kvmclock reader).
+The writers' state and lock are C (`struct kh_region`, harness.race._cfast): a disruptor's inner
+loop in C (disruptors/base.py) and these Python methods publish through the same functions.
 """
 
 from __future__ import annotations
 
-import threading
-from array import array
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from harness import memory
 from harness.kvm._cffi import ffi
 from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K
+from harness.race import _cfast
 from harness.race import protocol as P
 
 if TYPE_CHECKING:
@@ -80,13 +83,33 @@ class Region:
         self.gentab: Any = memoryview(gentab).cast("B").cast("Q")
         self.words: Any = memoryview(ffi.buffer(ffi.cast("char *", backing.addr), size)).cast("B").cast("Q")
         self.tags: Any = self.words[:: stride // 8]
-        self._lock = threading.Lock()  # serializes the protocol's writers
-        self.gen = 0
-        self.seq = 0  # host operations started (mirrored in ctrl[0] for the guest's reports)
+        # gen, seq (host operations started, mirrored in ctrl[0]), page0_changes (changes that
+        # covered the region's first page: kvmclock oracle) and the writers' lock, in C
+        self.c: Any = _cfast.ffi.new("struct kh_region *")
+        rc = _cfast.lib.kh_region_init(self.c, int(ffi.cast("uintptr_t", vm.gpa_to_hva(self.gentab_gpa))),
+                                       int(ffi.cast("uintptr_t", ctrl)), backing.addr, size, stride)
+        if rc:
+            raise OSError(-rc, f"sem_init: {os.strerror(-rc)}")
         self.loc = 0  # 0: the slot is at GPA_A, 1: at GPA_B
-        self.page0_changes = 0  # changes that covered the region's first page (kvmclock oracle)
         ctrl[0] = 0
         self._publish(0, size)  # generation 1 everywhere
+
+    # the writers' state (struct kh_region): one copy, whichever path writes
+    @property
+    def gen(self) -> int:
+        return int(self.c.gen)
+
+    @gen.setter
+    def gen(self, v: int) -> None:
+        self.c.gen = v
+
+    @property
+    def seq(self) -> int:
+        return int(self.c.seq)
+
+    @property
+    def page0_changes(self) -> int:
+        return int(self.c.page0_changes)
 
     # ---- where things are ------------------------------------------------------------------------
     @property
@@ -116,34 +139,32 @@ class Region:
 
     # ---- the protocol's writers (hot path) -------------------------------------------------------
     def begin_change(self, off: int, length: int) -> None:
-        """Take the writers' lock; seqlock odd for the pages of [off, off+length)."""
-        self._lock.acquire()
-        self.seq += 1
-        self.ctrl[0] = self.seq  # one aligned 8-byte store (diagnostics: ops started)
-        if off == 0:
-            self.page0_changes += 1  # before the change: the kvmclock oracle then calls a miss inconclusive
-        p0, p1 = self.pages_of(off, length)
-        if p1 > p0:
-            self.gentab[p0:p1] = array("Q", (2 * self.gen + 1,)) * (p1 - p0)
+        """Take the writers' lock; seq and ctrl[0] + 1, page0_changes + 1 when off == 0 (before the
+        change: the kvmclock oracle then calls a miss inconclusive); seqlock odd for the pages of
+        [off, off+length). Waits for the lock with the GIL released (a C loop may hold it)."""
+        _cfast.lib.kh_begin(self.c, off, length)
 
     def end_change(self, off: int, length: int) -> None:
         """The next generation's tags in [off, off+length), published (seq even); drop the lock."""
-        self._publish(off, length)
-        self._lock.release()
+        _cfast.lib.kh_end(self.c, off, length)
 
     def cancel_change(self) -> None:
         """Drop the lock without publishing: the range stays odd, never judged against a half-made
         generation."""
-        self._lock.release()
+        _cfast.lib.kh_unlock(self.c)
 
     def _publish(self, off: int, length: int) -> None:
-        gen = self.gen + 1
-        p0, p1 = self.pages_of(off, length)
-        if p1 > p0:
-            tb = P.tag_base(gen)
-            self.tags[p0:p1] = array("Q", range(tb + p0, tb + p1))
-            self.gentab[p0:p1] = array("Q", (2 * gen,)) * (p1 - p0)
-        self.gen = gen
+        """tag(gen + 1, p) into every page of the range, then gentab[p] = 2 (gen + 1); gen + 1."""
+        _cfast.lib.kh_publish(self.c, off, length)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The writers' lock (no change): a reader that must not touch a page while it changes."""
+        _cfast.lib.kh_lock(self.c)
+        try:
+            yield
+        finally:
+            _cfast.lib.kh_unlock(self.c)
 
     # ---- what the engine reads back --------------------------------------------------------------
     def counters(self, i: int) -> dict[str, int]:
@@ -167,7 +188,7 @@ class Region:
         fault racing a hugetlb punch with an exactly sized pool gets SIGBUS)."""
         q = (P.PVCLOCK_OFFSET + P.PVCLOCK_SIZE * vcpu) // 8
         w = self.words
-        with self._lock:
+        with self.locked():
             while True:
                 v1 = w[q] & 0xFFFFFFFF
                 st = w[q + 2]

@@ -10,10 +10,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from harness.kvm._cffi import ffi
 from harness.memory import Feature
+from harness.race import _cfast
 from harness.race import protocol as P
 
 if TYPE_CHECKING:
@@ -26,10 +27,22 @@ if TYPE_CHECKING:
 SCHEDULE_LEN = 4096  # pre-drawn (offset, length) pairs, cycled: no RNG work in the hot loop
 
 
-def oserror(what: str) -> OSError:
-    """The OSError for the cffi call that just failed (its errno), naming the call."""
-    e = ffi.errno
+def oserror(what: str, e: int | None = None) -> OSError:
+    """The OSError for the call that just failed (its errno: the cffi call's, or `e` from a C
+    loop), naming the call."""
+    if e is None:
+        e = ffi.errno
     return OSError(e, f"{what}: {errno.errorcode.get(e, e)} ({os.strerror(e)})")
+
+
+# The C loop returns to Python this often (stop flag, op count for the monitor): cheap next to the
+# ops it runs in between, short next to the engine's 10 ms poll.
+FAST_SLICE_NS = 10_000_000
+
+
+def fast_enabled() -> bool:
+    """The disruptors' C loops may be used (HARNESS_RACE_FAST=0: always the Python step() path)."""
+    return os.environ.get("HARNESS_RACE_FAST", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,9 @@ class Disruptor:
         self._held = False
         self._was_in_run = False
         self.t_start = self.t_end = 0.0
+        self.fast = fast_enabled()  # False: step() in Python even where a C loop exists
+        self.ran_fast = False  # the last run() went through the C loop
+        self._fast_d: Any = None
 
     # ---- what it applies to ------------------------------------------------------------------------
     @classmethod
@@ -149,6 +165,11 @@ class Disruptor:
             os.sched_setaffinity(0, {cpu})  # 0: this thread
         self.t_start = time.monotonic()
         try:
+            d = self._fast_loop()
+            if d is not None:
+                self.ran_fast = True
+                self._run_fast(d, stop, limit)
+                return
             while not stop.is_set():
                 if limit is not None and self.ops >= limit:
                     break
@@ -165,7 +186,83 @@ class Disruptor:
             except BaseException as e:
                 self.error = self.error or e
 
+    # ---- the C loop (harness.race._cfast) ------------------------------------------------------------
+    def fast_op(self) -> Any:
+        """A `struct kh_disrupt *` with this disruptor's op filled in (op, fd, advice, addr, ...),
+        or None: no C loop for it (step() in Python). The base fills in the rest."""
+        return None
+
+    def _fast_loop(self) -> Any:
+        """The C loop's state for run(), or None when step() must run in Python: no C op, disabled,
+        or a subclass changed what an op does (step, begin, end, pause: a planted fault)."""
+        if not self.fast:
+            return None
+        cls = type(self)
+        owner = next((k for k in cls.__mro__ if "fast_op" in k.__dict__), Disruptor)
+        if owner is Disruptor:
+            return None
+        if next(k for k in cls.__mro__ if "step" in k.__dict__) is not owner:
+            return None  # step() overridden below the class that wrote the C op
+        if cls.begin is not Disruptor.begin or cls.end is not Disruptor.end or cls.pause is not Disruptor.pause:
+            return None
+        d = self.fast_op()
+        if d is None:
+            return None
+        keep = [d]  # everything the struct points to lives as long as the loop
+        d.r = self.mem.c
+        offs = _cfast.ffi.new("uint64_t[]", [o for o, _ in self.sched])
+        lens = _cfast.ffi.new("uint64_t[]", [n for _, n in self.sched])
+        d.sched_off, d.sched_len, d.nsched, d.idx = offs, lens, len(self.sched), 0
+        keep += [offs, lens]
+        if self.fast_pauses and any(self.gaps):
+            gaps = _cfast.ffi.new("uint64_t[]", [round(g * 1e9) for g in self.gaps])
+            d.gaps_ns, d.ngaps = gaps, len(self.gaps)
+            keep.append(gaps)
+        vcpus = self.ctx.vcpus
+        flags = _cfast.ffi.new("uintptr_t[]", [int(ffi.cast("uintptr_t", v.in_run_flag)) for v in vcpus] or [0])
+        d.in_run, d.nvcpus = flags, len(vcpus)
+        keep += [flags, vcpus]  # the vCPUs too: their in_run flags live in them
+        self._fast_keep = keep
+        return d
+
+    def _run_fast(self, d: Any, stop: threading.Event, limit: int | None) -> None:
+        """run()'s loop in C, a slice at a time: the same ops, counters and publications as step(),
+        the GIL released in between; an error comes back as step()'s OSError, the range left odd."""
+        self._fast_d = d
+        d.ops, d.bytes, d.overlapped = self.ops, self.bytes, self.overlapped
+        run = _cfast.lib.kh_disrupt_run
+        try:
+            while not stop.is_set():
+                todo = (1 << 63) if limit is None else limit - self.ops
+                if todo <= 0:
+                    break
+                rc = run(d, todo, FAST_SLICE_NS)  # 1: mprotect's landed[] is full, drained below
+                self.ops, self.bytes, self.overlapped = d.ops, d.bytes, d.overlapped
+                self.fast_after(d)
+                if rc < 0:
+                    raise self.fast_error(d)
+        finally:
+            self.ops, self.bytes, self.overlapped = d.ops, d.bytes, d.overlapped
+            self.fast_after(d)  # idempotent: also on an exception between slices
+            self._fast_d = None
+            self._fast_keep = None  # the vCPUs may be closed from now on
+
+    def fast_after(self, d: Any) -> None:
+        """After each slice of the C loop (and at its end): hand what it found back to Python."""
+
+    def request_stop(self) -> None:
+        """Stop a C loop after its current op (the engine calls it next to setting the stop event,
+        which the loop only sees between slices)."""
+        d = self._fast_d
+        if d is not None:
+            d.stop = 1
+
+    def fast_error(self, d: Any) -> OSError:
+        """The OSError step() would have raised for the call the C loop saw fail."""
+        return OSError(d.err, f"C race loop: op {d.op} failed ({os.strerror(d.err)})")
+
     GAPS: ClassVar[tuple[float, ...]] = (0.0,)  # seeded pauses pause() draws from (seconds)
+    fast_pauses: ClassVar[bool] = False  # step() ends with pause(): the C loop sleeps the same gaps
 
     def prepare(self) -> None:
         self.sched = self.schedule(self.ctx.rng(self.name))

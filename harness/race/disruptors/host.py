@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import errno
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from harness.kvm._cffi import ffi, lib
 from harness.memory import PAGE_1G, PAGE_2M, Feature, hostmem
+from harness.race import _cfast
 from harness.race import protocol as P
 from harness.race.disruptors.base import SCHEDULE_LEN, Disruptor, oserror
 from harness.race.region import GPA_A
@@ -72,6 +73,26 @@ class Remap(Disruptor):
             lib.madvise(ffi.cast("void *", a), length, hostmem.MADV_HUGEPAGE)
         self.end(off, length)
 
+    def fast_op(self) -> Any:
+        d = _cfast.ffi.new("struct kh_disrupt *")
+        d.op = _cfast.lib.KH_OP_REMAP
+        d.fd, d.addr, d.prot, d.flags, d.base_off = self.fd, self.addr, PROT_RW, self.flags, self.base_off
+        d.flip, d.unit = self.flip, self.unit()
+        self._half_c = _cfast.ffi.from_buffer(self.half)  # the same bytes step() flips
+        d.half = self._half_c
+        d.thp, d.thp_advice = self.thp, hostmem.MADV_HUGEPAGE
+        return d
+
+    def fast_error(self, d: Any) -> OSError:
+        a, length, fo = d.fail_a, d.fail_b, d.fail_c
+        if d.fail == _cfast.lib.KH_FAIL_MUNMAP:
+            return oserror(f"munmap({a:#x}, {length:#x})", d.err)
+        err = oserror(f"mmap({a:#x}, {length:#x}, MAP_FIXED_NOREPLACE, fd={self.fd}, off={fo:#x})", d.err)
+        if err.errno == errno.EEXIST:
+            err = OSError(errno.EEXIST, f"{err}: another thread mapped into the hole between munmap "
+                          "and mmap; the region is left unmapped there (harness, not kernel)")
+        return err
+
 
 class Madvise(Disruptor):
     name = "dontneed"
@@ -87,6 +108,14 @@ class Madvise(Disruptor):
         if lib.madvise(ffi.cast("void *", self.addr + off), length, self.advice):
             raise oserror(f"madvise({self.addr + off:#x}, {length:#x}, {self.advice})")
         self.end(off, length)
+
+    def fast_op(self) -> Any:
+        d = _cfast.ffi.new("struct kh_disrupt *")
+        d.op, d.addr, d.advice = _cfast.lib.KH_OP_MADVISE, self.addr, self.advice
+        return d
+
+    def fast_error(self, d: Any) -> OSError:
+        return oserror(f"madvise({d.fail_a:#x}, {d.fail_b:#x}, {self.advice})", d.err)
 
     def release_whole(self) -> str | None:
         # DONTNEED frees private anonymous memory only; shared kinds keep their pages in the object
@@ -158,6 +187,20 @@ class Punch(Disruptor):
         elif lib.madvise(ffi.cast("void *", self.addr + off), length, hostmem.MADV_REMOVE):
             raise oserror(f"madvise({self.addr + off:#x}, {length:#x}, MADV_REMOVE)")
         self.end(off, length)
+
+    def fast_op(self) -> Any:
+        d = _cfast.ffi.new("struct kh_disrupt *")
+        d.addr, d.fd = self.addr, self.fd
+        if self.fd >= 0:
+            d.op, d.advice = _cfast.lib.KH_OP_FALLOCATE, PUNCH
+        else:
+            d.op, d.advice = _cfast.lib.KH_OP_MADVISE, hostmem.MADV_REMOVE
+        return d
+
+    def fast_error(self, d: Any) -> OSError:
+        if d.fail == _cfast.lib.KH_FAIL_FALLOCATE:
+            return oserror(f"fallocate(fd={self.fd}, PUNCH_HOLE|KEEP_SIZE, {d.fail_a:#x}, {d.fail_b:#x})", d.err)
+        return oserror(f"madvise({d.fail_a:#x}, {d.fail_b:#x}, MADV_REMOVE)", d.err)
 
     def preflight(self) -> None:
         if self.ctx.kind_page == PAGE_1G:
@@ -233,6 +276,48 @@ class Mprotect(Disruptor):
         off, n = self.sched[0]
         self.step(off, n)
         self.step(off, n)
+
+    fast_pauses = True  # the read-only half of a toggle sleeps its seeded gap
+
+    def fast_op(self) -> Any:
+        m = self.mem
+        d = _cfast.ffi.new("struct kh_disrupt *")
+        d.op, d.addr = _cfast.lib.KH_OP_MPROTECT, self.addr
+        nw = len(m.writers)
+        self._writers_c = _cfast.ffi.new("uint32_t[]", list(m.writers) or [0])
+        self._snap_c = _cfast.ffi.new("uint64_t[]", max(1, nw * m.npages))
+        cap = max(1, nw * m.npages)
+        self._landed_c = _cfast.ffi.new("uint64_t[]", 4 * cap)
+        d.writers, d.nwriters, d.snap, d.landed, d.landed_cap = self._writers_c, nw, self._snap_c, self._landed_c, cap
+        if self.ro is not None:  # a toggle left half-done by step(): the C loop finishes it
+            off, length = self.ro
+            for k, v in enumerate(m.writers):
+                for i, word in enumerate(self.snap[v]):
+                    d.snap[k * m.npages + i] = word
+            d.ro, d.ro_off, d.ro_len = 1, off, length
+        return d
+
+    def fast_after(self, d: Any) -> None:
+        """Landed writes the C loop found go to the ro-write oracle; a range it left read-only
+        becomes step()'s (finish() restores it)."""
+        m = self.mem
+        s = m.stride
+        for k in range(d.nlanded):
+            v, p, before, after = (int(d.landed[4 * k + j]) for j in range(4))
+            self.ctx.landed.append(P.LandedWrite(v, p, GPA_A + p * s + 8 * (1 + v), self.addr + p * s + 8 * (1 + v),
+                                                 before, after))
+        d.nlanded = 0
+        if d.ro:
+            off, length = int(d.ro_off), int(d.ro_len)
+            p0, p1 = m.pages_of(off, length)
+            self.ro = (off, length)
+            self.snap = {v: [int(d.snap[k * m.npages + i]) for i in range(p1 - p0)] for k, v in enumerate(m.writers)}
+        else:
+            self.ro = None
+
+    def fast_error(self, d: Any) -> OSError:
+        prot = "PROT_READ" if d.fail == _cfast.lib.KH_FAIL_MPROTECT_RO else "PROT_READ|PROT_WRITE"
+        return oserror(f"mprotect({d.fail_a:#x}, {d.fail_b:#x}, {prot})", d.err)
 
     def finish(self) -> None:
         if self.ro is not None:
