@@ -9,7 +9,7 @@ PYTEST := $(PY) -m pytest
 JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: all setup venv guests check test unit bench lint clean
+.PHONY: all setup venv guests check test unit unit-fast bench lint clean
 
 all: setup
 
@@ -31,9 +31,14 @@ setup: venv guests
 # results/ktap.txt + junit.xml, and checks the KTAP with the strict parser in tests/.
 check: ci
 
-# The harness's own tests (pure logic), then the suite.
+# The harness's own tests (pure logic), then the suite. --dist worksteal with tests/conftest.py's order:
+# the real QEMU boots (@pytest.mark.real_boot, minutes each under TCG) start first, one per worker, and
+# the short tests fill in around them. `make unit-fast` leaves the real boots out.
 unit: setup
-	$(PYTEST) tests/ -n $(JOBS) $(PYTEST_ARGS)
+	$(PYTEST) tests/ -n $(JOBS) --dist worksteal $(PYTEST_ARGS)
+
+unit-fast: setup
+	$(PYTEST) tests/ -n $(JOBS) --dist worksteal -m "not real_boot" $(PYTEST_ARGS)
 
 test: unit check
 

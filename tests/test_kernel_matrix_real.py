@@ -33,7 +33,7 @@ def _skip_reason() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+pytestmark = [pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())), pytest.mark.real_boot]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,7 @@ def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.real_boot(seconds=10)
 def test_fetch_by_name_both_package_layouts(archive):
     # 6.x: one package (boot/vmlinuz-VER); 7.x: linux-binary + linux-modules + linux-base
     for name, split in (("debian:6.1", False), ("debian:7.3.4", True)):
@@ -68,6 +69,7 @@ def test_fetch_by_name_both_package_layouts(archive):
     assert "kernels offered; cache" in listing.stdout
 
 
+@pytest.mark.real_boot(seconds=130)
 def test_matrix_host_and_a_packaged_kernel(tmp_path, archive):
     out = tmp_path / "m"
     r = _cli("matrix", "--kernels", "host,debian:7.3.4", "--out", str(out), "--host-args", "",
@@ -84,6 +86,7 @@ def test_matrix_host_and_a_packaged_kernel(tmp_path, archive):
     assert "matrix: time per kernel: host" in text and "[debian:7.3.4]" in text  # progress while it ran
 
 
+@pytest.mark.real_boot(seconds=240)
 def test_version_bisect_finds_the_first_version_with_a_planted_regression(archive, tmp_path):
     # a "regression" that appeared in 7.3: the case fails on kernels >= 7.3 (the guest sees the repo)
     case = REPO / ".cache" / "kernels" / "selftest" / f"test_planted_{os.getpid()}.py"
@@ -109,6 +112,7 @@ def test_version_bisect_finds_the_first_version_with_a_planted_regression(archiv
     assert "git bisect start v7.3.4 v7.2.13" in text
 
 
+@pytest.mark.real_boot(seconds=45)
 def test_module_parameters_on_the_command_line_reach_the_modules(archive):
     # busybox insmod reads nothing from the command line: --append kvm.tdp_mmu=0 once did nothing
     case = REPO / ".cache" / "kernels" / "selftest" / f"test_param_{os.getpid()}.py"

@@ -421,7 +421,10 @@ def _real_skip_reason() -> str | None:
     return None
 
 
-real = pytest.mark.skipif(_real_skip_reason() is not None, reason=str(_real_skip_reason()))
+def real(f):
+    """A real boot of Debian's 6.1 under QEMU (tests/conftest.py: real_boot)."""
+    skip = pytest.mark.skipif(_real_skip_reason() is not None, reason=str(_real_skip_reason()))
+    return pytest.mark.real_boot(seconds=60)(skip(f))
 SMOKE = ["cases/test_system.py", "cases/test_guest_modes.py::test_checksum_in_every_mode",
          "cases/test_backings.py::test_guest_memfd_source", "-p", "no:cacheprovider", "-rs"]
 

@@ -553,6 +553,7 @@ def _real_skip_reason() -> str | None:
     return None
 
 
+@pytest.mark.real_boot(seconds=190)
 @pytest.mark.skipif(_real_skip_reason() is not None, reason=str(_real_skip_reason()))
 def test_real_rebuilt_kvm_offers_sw_protected_vms():
     b = _sw_protected_build()

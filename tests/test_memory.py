@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 from array import array
@@ -17,6 +18,7 @@ from harness.kvm.caps import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_M
 from harness.kvm.errors import HarnessError
 from harness.memory import PAGE_1G, PAGE_2M, PAGE_4K, Feature, hugepages, mounts, usage
 from harness.memory.hugepages import HugepagePool, HugepagesUnavailable
+from harness.memory.ledger import start_time
 from harness.memory.memtouch import (
     MASK,
     MIX,
@@ -348,3 +350,50 @@ def test_owner_pid_and_stale_cleanup(tmp_path):
 
 def test_words_type():
     assert isinstance(words(1, 16), array)
+
+
+
+def test_pool_parks_released_pages_for_the_keeper(tmp_path):
+    """Released pages of a pool made with park=<keeper> stay in the pool; the next reservation takes
+    them without growing it; unpark() takes them off and the old size is back."""
+    fs = FakeSysfs(tmp_path / "sys")
+    (tmp_path / "sys/hugepages-1048576kB/nr_hugepages").write_text("1\n")
+    led = tmp_path / "ledger.json"
+    keeper = f"{os.getpid()}:{start_time(os.getpid())}:keeper"
+    a = fs.pool(led)
+    a.park = keeper
+    a.reserve(PAGE_1G, 2)
+    assert fs.nr(PAGE_1G) == 3
+    a.release_all()
+    assert fs.nr(PAGE_1G) == 3 and a.holders(PAGE_1G) == {}  # parked: free, in use by nobody
+    entry = json.loads(led.read_text())["pools"][str(PAGE_1G)]
+    assert entry["parked"] == {keeper: 2} and entry["holders"] == {keeper: 0}  # the leak check sees a keeper
+    b, c = fs.pool(led), fs.pool(led)
+    b.reserve(PAGE_1G, 1)
+    c.reserve(PAGE_1G, 2)  # one parked page left: the pool grows by one
+    assert fs.nr(PAGE_1G) == 4 and b.holders(PAGE_1G) == {b.key: 1, c.key: 2}
+    b.release_all()  # back to the keeper it came from
+    assert fs.nr(PAGE_1G) == 4
+    c.release_all()  # its parked page back, its own growth off (c parks nothing)
+    assert fs.nr(PAGE_1G) == 3
+    b.reserve(PAGE_1G, 1)
+    assert hugepages.unpark(keeper, fs.root, led) == 1 and fs.nr(PAGE_1G) == 2
+    b.release_all()  # the keeper is done: the borrowed page comes off
+    assert fs.nr(PAGE_1G) == 1 and json.loads(led.read_text())["pools"] == {}
+
+
+def test_pool_pages_of_a_dead_keeper_come_off(tmp_path):
+    fs = FakeSysfs(tmp_path / "sys")
+    led = tmp_path / "ledger.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    p = fs.pool(led)
+    p.park = f"{dead}:1:keeper"
+    p.reserve(PAGE_1G, 1)
+    p.release_all()  # a keeper that is gone keeps nothing
+    assert fs.nr(PAGE_1G) == 0 and json.loads(led.read_text())["pools"] == {}
+    (tmp_path / "sys/hugepages-1048576kB/nr_hugepages").write_text("2\n")
+    led.write_text(json.dumps({"boot_id": hugepages._boot_id(), "pools": {str(PAGE_1G): {
+        "base": 0, "holders": {f"{dead}:1:keeper": 0}, "parked": {f"{dead}:1:keeper": 2}}}}))
+    assert p.holders(PAGE_1G) == {} and fs.nr(PAGE_1G) == 0  # the next ledger access took them off
+    assert json.loads(led.read_text())["pools"] == {}

@@ -9,6 +9,18 @@ are dropped the next time anyone touches the ledger, and pool entries from an ea
 ignored. The ledger is the harness's machine-wide one (harness.memory.ledger): a holder is named
 "<pid>:<start time>:<tag>", so a recycled pid does not keep a dead run's pages. A reservation and its
 bookkeeping are one critical section (harness.memory.cleanup): SIGTERM cannot fall between them.
+
+Keeping pages for a run (`park`): a 1 GiB page first touched after the pool grew costs seconds more
+than one touched again (measured here: ~10 s against ~0.7 s: the memory behind a freshly grown pool
+is not populated below this kernel yet; 2 MiB pages alike, per byte), and growing the pool for each
+case and shrinking it after made every hugetlb case pay that. A pool made with `park=<keeper key>`
+(the xdist controller of a parallel run, harness.pytest.memory) does not shrink the pool on
+release: its pages stay free in the pool under the pool's "parked" entry for the keeper, the next
+reservation takes them first (the pool keeps its size), and `unpark(keeper)` (the controller at the
+end of the run, or the next ledger access once the keeper died) takes them off. The pool is its
+base plus every holder's pages plus every keeper's parked pages; a keeper with parked pages is also
+listed among the holders with 0 pages, so whoever compares pool sizes knows another harness process
+keeps pages of that size, while `holders()` lists only pages in use.
 """
 
 from __future__ import annotations
@@ -52,11 +64,15 @@ _boot_id = boot_id  # the name the unit tests know
 class HugepagePool:
     """Reservations of one owner (a process, a fixture); `release_all()` gives them back."""
 
-    def __init__(self, sysfs: Path = HUGEPAGES_SYSFS, ledger: Path = DEFAULT_LEDGER) -> None:
+    def __init__(self, sysfs: Path = HUGEPAGES_SYSFS, ledger: Path = DEFAULT_LEDGER, *, park: str | None = None,
+                 park_sizes: tuple[int, ...] = (PAGE_2M, PAGE_1G)) -> None:
         self.sysfs = Path(sysfs)
         self.ledger = Path(ledger)
         self.key = f"{Owner.current().key}:{uuid.uuid4().hex[:8]}"
         self.held: dict[int, int] = {}
+        self.borrowed: dict[int, dict[str, int]] = {}  # page size -> {keeper key: parked pages taken}
+        self.park: str | None = park  # release into this keeper's parked pages (module docstring)
+        self.park_sizes = frozenset(park_sizes)
         self.pruned: list[str] = []  # dead holders this pool's ledger accesses gave back (for reports)
         atexit.register(self.release_all)
 
@@ -103,34 +119,68 @@ class HugepagePool:
                     raise
             time.sleep(0.05)
 
+    def _borrow(self, entry: dict[str, Any], count: int) -> dict[str, int]:
+        """Take up to `count` parked pages of live keepers (the pool keeps its size)."""
+        taken: dict[str, int] = {}
+        parked = entry.get("parked", {})
+        for k in sorted(parked):
+            n = min(count, parked[k])
+            if n > 0 and holder_alive(k):
+                parked[k] -= n
+                taken[k] = n
+                count -= n
+        return taken
+
+    def _park(self, entry: dict[str, Any], key: str, n: int) -> int:
+        """Park n pages under a live keeper; how many were parked (0 when the keeper is gone)."""
+        if n <= 0 or not holder_alive(key):
+            return 0
+        parked = entry.setdefault("parked", {})
+        parked[key] = parked.get(key, 0) + n
+        entry["holders"].setdefault(key, 0)  # "another process keeps pages of this size" (docstring)
+        return n
+
+    def _give_back(self, entry: dict[str, Any], taken: dict[str, int]) -> int:
+        """Return taken parked pages to their keepers if still keeping; how many went back."""
+        parked = entry.get("parked", {})
+        return sum(self._park(entry, k, n) for k, n in taken.items() if k in parked)
+
     def _reserve_once(self, page_size: int, count: int) -> None:
         with cleanup.critical(), self._locked() as led:
             entry = led["pools"].setdefault(str(page_size), {"base": None, "holders": {}})
             cur = self.read_nr(page_size)
-            if not entry["holders"]:
+            if not entry["holders"] and not entry.get("parked"):
                 entry["base"] = cur
+            taken = self._borrow(entry, count)
+            grow = count - sum(taken.values())
             # On file before the pool grows: a kill during the (slow) growth then leaves a dead
             # holder the next run settles, never pages nobody accounts for.
             entry["holders"][self.key] = entry["holders"].get(self.key, 0) + count
             led.save()
             try:
-                self.write_nr(page_size, cur + count)
+                if grow:
+                    self.write_nr(page_size, cur + grow)
                 got = self.read_nr(page_size) - cur
             except OSError as e:
                 self.write_nr(page_size, cur)
+                self._give_back(entry, taken)
                 self._undo(led, page_size, entry, count)
                 raise HugepagesUnavailable(f"cannot grow the {size_name(page_size)} pool: {e}") from e
-            if got < count:
+            if got < grow:
                 self.write_nr(page_size, cur)
+                self._give_back(entry, taken)
                 self._undo(led, page_size, entry, count)
                 others = sum(n for k, n in entry["holders"].items() if k != self.key)
                 err = HugepagesUnavailable(
-                    f"asked the kernel for {count} more {size_name(page_size)} hugepages, it found "
+                    f"asked the kernel for {grow} more {size_name(page_size)} hugepages, it found "
                     f"{max(got, 0)} (nr_hugepages {cur} -> {cur + max(got, 0)}, {others} held by other "
                     "harness processes): free memory is short or too fragmented")
                 err.others = others
                 raise err
             self.held[page_size] = self.held.get(page_size, 0) + count
+            mine = self.borrowed.setdefault(page_size, {})
+            for k, n in taken.items():
+                mine[k] = mine.get(k, 0) + n
             cleanup.register(self.release_all)  # the last resort after SIGTERM gives them back too
 
     def _undo(self, led: dict[str, Any], page_size: int, entry: dict[str, Any], count: int) -> None:
@@ -139,23 +189,27 @@ class HugepagePool:
             entry["holders"][self.key] = left
         else:
             entry["holders"].pop(self.key, None)
-        if not entry["holders"]:
+        if not entry["holders"] and not entry.get("parked"):
             del led["pools"][str(page_size)]
 
     def release(self, page_size: int) -> None:
         """Give back every page of this size this owner reserved."""
         with cleanup.critical():
             n = self.held.pop(page_size, 0)
+            taken = self.borrowed.pop(page_size, {})
             if not self.held:
                 cleanup.unregister(self.release_all)
             if not n:
                 return
             with self._locked() as led:
                 entry = led["pools"].get(str(page_size))
-                if entry is None:  # ledger lost (reboot, deleted): take our pages off anyway
-                    self.write_nr(page_size, self.read_nr(page_size) - n)
+                if entry is None:  # ledger lost (reboot, deleted): take our own growth off anyway
+                    self.write_nr(page_size, self.read_nr(page_size) - (n - sum(taken.values())))
                     return
                 entry["holders"].pop(self.key, None)
+                n -= self._give_back(entry, taken)
+                if self.park and page_size in self.park_sizes:
+                    n -= self._park(entry, self.park, n)
                 self._settle(led, page_size, entry, n)
 
     def release_all(self) -> None:
@@ -164,8 +218,9 @@ class HugepagePool:
                 self.release(ps)
 
     def _settle(self, led: dict[str, Any], page_size: int, entry: dict[str, Any], n: int) -> None:
-        if entry["holders"]:
-            self.write_nr(page_size, self.read_nr(page_size) - n)
+        if entry["holders"] or entry.get("parked"):
+            if n:
+                self.write_nr(page_size, self.read_nr(page_size) - n)
         else:
             # last holder: the exact old size, whatever happened in between
             self.write_nr(page_size, entry["base"])
@@ -189,14 +244,43 @@ class HugepagePool:
         for ps_key, entry in list(led["pools"].items()):
             dead = [k for k in entry["holders"] if not holder_alive(k)]
             n = sum(entry["holders"].pop(k) for k in dead)
+            parked = entry.get("parked", {})
+            dead_keepers = [k for k in parked if not holder_alive(k)]
+            n += sum(parked.pop(k) for k in dead_keepers)
+            if "parked" in entry and not parked:
+                del entry["parked"]
             if dead:
                 self.pruned += [f"{n} {size_name(int(ps_key))} hugepage(s) of {', '.join(dead)}"]
                 self._settle(led, int(ps_key), entry, n)
 
     def holders(self, page_size: int) -> dict[str, int]:
-        """Who holds pages of this pool right now, per the ledger (for diagnostics)."""
+        """Who holds pages of this pool right now, per the ledger (for diagnostics): pages in use,
+        not a keeper's parked (free) ones."""
         with self._locked() as led:
-            return dict(led["pools"].get(str(page_size), {}).get("holders", {}))
+            return {k: n for k, n in led["pools"].get(str(page_size), {}).get("holders", {}).items() if n}
+
+
+def unpark(keeper: str, sysfs: Path = HUGEPAGES_SYSFS, ledger: Path = DEFAULT_LEDGER) -> int:
+    """Take a keeper's parked pages off their pools (the pool goes back to its old size when nobody
+    else holds pages); returns how many pages came off."""
+    if not ledger.exists():
+        return 0
+    pool = HugepagePool(sysfs, ledger)
+    atexit.unregister(pool.release_all)
+    total = 0
+    with cleanup.critical(), pool._locked() as led:
+        for ps_key, entry in list(led["pools"].items()):
+            parked = entry.get("parked", {})
+            if keeper not in parked and keeper not in entry["holders"]:
+                continue
+            n = parked.pop(keeper, 0)
+            if not parked:
+                entry.pop("parked", None)
+            if entry["holders"].get(keeper) == 0:
+                del entry["holders"][keeper]
+            total += n
+            pool._settle(led, int(ps_key), entry, n)
+    return total
 
 
 def prune_stale(sysfs: Path = HUGEPAGES_SYSFS, ledger: Path = DEFAULT_LEDGER) -> list[str]:

@@ -31,10 +31,11 @@ import pytest
 from harness import memory
 from harness.memory import cleanup
 from harness.memory.backings import Backing, BackingUnavailable
-from harness.memory.hugepages import HugepagePool, prune_stale
-from harness.memory.ledger import LEDGER
+from harness.memory.hugepages import HugepagePool, prune_stale, unpark
+from harness.memory.ledger import LEDGER, Owner
 from harness.memory.memtouch import MemTouch
 from harness.memory.mounts import Mounts, cleanup_stale, close_default, default_mounts
+from harness.pytest import options
 
 if TYPE_CHECKING:
     from harness.kvm.system import Kvm
@@ -63,8 +64,43 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[N
     return res
 
 
+_KEEPER = pytest.StashKey[str]()
+_PARK_INPUT = "kvm_harness_park"  # workerinput key: the controller's keeper key
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
+    keeper = config.stash.get(_KEEPER, None)
+    if keeper is not None:  # the workers are gone: the pool goes back to its size before the run
+        unpark(keeper)
     cleanup.uninstall()
+
+
+def _keeper(config: pytest.Config) -> str | None:
+    """The controller of a parallel run keeps the hugetlb pages (2 MiB, 1 GiB) its workers' cases
+    release, parked in the pool (harness.memory.hugepages), so a later case gets pages already
+    populated (a 1 GiB page: ~0.7 s to fault in here, ~10 s when the pool just grew by it). The pool
+    grows only when a case needs it, as before, and is back to its old size when the run ends."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None) \
+            or not options.keep_hugepages(config) or os.geteuid() != 0:
+        return None
+    if _KEEPER not in config.stash:
+        key = f"{Owner.current().key}:keeper"
+        config.stash[_KEEPER] = key
+        cleanup.register(lambda: unpark(key))  # SIGTERM's last resort gives them back too
+    return config.stash[_KEEPER]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist (controller): tell each worker where to park the hugetlb pages it releases."""
+    key = _keeper(node.config)
+    if key:
+        node.workerinput[_PARK_INPUT] = key
+
+
+def _park_key(config: pytest.Config) -> str | None:
+    wi = getattr(config, "workerinput", None)
+    return wi.get(_PARK_INPUT) if wi else None
 
 
 def recover_stale(ledger: Path = LEDGER, roots: list[str] | None = None) -> list[str]:
@@ -157,9 +193,10 @@ def host_mounts() -> Iterator[Mounts]:
 
 
 @pytest.fixture
-def hugepages() -> Iterator[Hugepages]:
-    """Reserve hugetlb pages for this case; the pools go back to their old size afterwards."""
-    pool = HugepagePool()
+def hugepages(request: pytest.FixtureRequest) -> Iterator[Hugepages]:
+    """Reserve hugetlb pages for this case; the pools go back to their old size afterwards (in a
+    parallel run the pages stay parked in the pool for the next cases until the run ends)."""
+    pool = HugepagePool(park=_park_key(request.config))
     try:
         yield Hugepages(pool)
     finally:

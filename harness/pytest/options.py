@@ -65,6 +65,10 @@ def add_options(parser: pytest.Parser) -> None:
                      "for `git bisect run`")
     g.addoption("--memory-backings", default=None,
                 help="comma-separated backing kinds to run (default: all); cases parametrized by `kind`")
+    g.addoption("--keep-hugepages", choices=("on", "off"), default="on",
+                help="parallel runs (-n): hugetlb pages the cases released stay in the pool until the run "
+                     "ends and the next cases take them, already populated (harness.memory.hugepages; "
+                     "default %(default)s)")
     r = parser.getgroup("kvm-harness races")
     r.addoption("--race-seconds", type=seconds_arg, default=None,
                 help="duration of each race case, seconds > 0 (default ~1 s)")
@@ -166,3 +170,8 @@ def seed_given(config: pytest.Config) -> bool:
 def seed(config: pytest.Config) -> int:
     """The session's seed: --race-seed, else one drawn at start (shown in reports and rerun commands)."""
     return config.stash[SEED]
+
+
+def keep_hugepages(config: pytest.Config) -> bool:
+    """--keep-hugepages: park released hugetlb pages for the rest of a parallel run."""
+    return config.getoption("--keep-hugepages") == "on"
