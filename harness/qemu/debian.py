@@ -21,6 +21,7 @@ into a meta package over `linux-binary-VER` (vmlinuz under usr/lib/modules/VER/)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -258,6 +259,19 @@ class Archive:
         if have is not None:
             (self.kernel_dir(k) / "fetched.json").touch()  # LRU: used now
             return have
+        # one fetch per version at a time: two processes (xdist workers, a matrix beside a bisect)
+        # fetching the same kernel would each wipe the other's half-unpacked directory
+        lock = self.cache / "debian" / f".{k.abi}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "w") as lf:
+            fcntl.flock(lf, fcntl.LOCK_EX)
+            have = self.fetched(k)
+            if have is not None:
+                log(f"kernel fetch: {k.name} was fetched by another process meanwhile")
+                return have
+            return self._fetch_locked(k, log)
+
+    def _fetch_locked(self, k: Kernel, log=print) -> Fetched:
         self._setup()
         d = self.kernel_dir(k)
         shutil.rmtree(d, ignore_errors=True)
