@@ -24,6 +24,7 @@ from harness.oracles.mmio import (
     mmio_exit,
     mmio_exits,
     pattern,
+    pattern_byte,
     read,
     split_access,
     straddle_pairs,
@@ -128,6 +129,16 @@ def test_device_answers_differ_for_truncated_addresses() -> None:
             for bad in {_trunc32(gpa), _trunc_m1(gpa, m)} - {gpa}:
                 for n in (1, 2, 4, 8):
                     assert pattern(gpa, n) != pattern(bad, n), (hex(gpa), hex(bad), n)
+
+
+@pytest.mark.parametrize("gpa", [0, 0xFFFF_F000, 0xFFFF_FFFF_F000, (1 << 64) - 5, 0x5A5A_0000_1234_5000])
+def test_pattern_in_c_is_the_reference(gpa: int) -> None:
+    """pattern() (C, kh_pattern_bytes) is pattern_byte() (the splitmix64 reference) byte for byte,
+    across the 2^64 wrap too."""
+    n = 4096 + 3
+    want = bytes(pattern_byte((gpa + i) & ((1 << 64) - 1)) for i in range(n))
+    assert pattern(gpa, n) == want
+    assert pattern(gpa, 0) == b""
 
 
 # ---- wrong length, direction, data ---------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from harness.kvm._cffi import ffi, lib
 from harness.oracles.verdict import OracleFailure, Verdict
 
 U64 = (1 << 64) - 1
@@ -236,7 +237,12 @@ def pattern_byte(addr: int) -> int:
 
 
 def pattern(gpa: int, n: int) -> bytes:
-    return bytes(pattern_byte(gpa + i) for i in range(n))
+    """pattern_byte of gpa .. gpa+n-1 (computed in C: a page of it per case was 13 ms in Python)."""
+    if n <= 0:
+        return b""
+    buf = ffi.new("uint8_t[]", n)
+    lib.kh_pattern_bytes(gpa & U64, buf, n)
+    return ffi.buffer(buf)[:]
 
 
 def pattern_value(gpa: int, n: int) -> int:
