@@ -457,6 +457,7 @@ def test_kvmclock_race(kvm, clock_setup, kernel_health, request, record_property
     clock update through the pfncache. Then one clean update must land in the page mapped now."""
     seed = options.seed(request.config)
     seconds = options.race_seconds(request.config, 0.8)
+    early = options.race_until_goal(request.config)
     s = clock_setup(kind)
     if memory.kind(kind).supports(Feature.HUGETLB):
         # swap: the pool needs POOL units. punch: a punched hugetlb page gives its reservation
@@ -489,10 +490,12 @@ def test_kvmclock_race(kvm, clock_setup, kernel_health, request, record_property
     t = threading.Thread(target=host, name="pfncache-invalidator")
     out: dict[str, tuple[int, ...]] = {}
     def stopper() -> None:
-        # at least `seconds`, and (under load) until both sides did enough to call it a race
+        # until both sides did enough to call it a race (under load it can take longer), then
+        # `seconds` (a soak) or by default twice that much (at most `seconds`)
         end = time.monotonic() + seconds
         while time.monotonic() < end + 15 and not stop.is_set():
-            if time.monotonic() >= end and n > 10 and s.vm.read_u64(c.desc + 48) > 100:
+            writes = s.vm.read_u64(c.desc + 48)
+            if n > 10 and writes > 100 and (time.monotonic() >= end or (early and n > 20 and writes > 200)):
                 break
             time.sleep(0.02)
         c.stop()

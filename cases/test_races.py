@@ -16,7 +16,8 @@ names the oracles it checks:
             maps where the vCPUs' kvmclocks live, while that page is punched/zapped: KVM writes it
             through its gfn_to_pfn_cache, which every invalidation must refresh
 
-Default duration ~1 s per case; `--race-seconds N` for soaks, `--race-seed S` for exact reruns
+By default a case races to its goal (RaceGoal: 6 sweeps per vCPU, 32 overlapped ops per disruptor,
+at most 1 s); `--race-seconds N` races N s each (soaks), `--race-seed S` for exact reruns
 (every report prints its rerun command). `test_race_soak` covers every disruptor on every backing
 that supports it and runs only when --race-seconds is given:
 

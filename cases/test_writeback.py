@@ -118,8 +118,10 @@ def test_writeback_race(memtouch, backings, kernel_health, request, record_prope
     t.start()
     rounds = 0
     try:
+        # at least 3 rounds; `seconds` (a soak) or by default until 6 rounds with racing ops (at most `seconds`)
         end = time.monotonic() + seconds
-        while time.monotonic() < end or rounds < 3:
+        early = options.race_until_goal(request.config)
+        while rounds < 3 or (time.monotonic() < end and not (early and rounds >= 6 and sum(ops.values()) >= 32)):
             pattern = rng.getrandbits(64)
             memtouch.write(gva, SIZE, pattern, STRIDE)
             os.fsync(b.fd)

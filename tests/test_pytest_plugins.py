@@ -75,7 +75,8 @@ SEED = '''
 from harness.pytest import options
 
 def test_seed(request):
-    print("SEED", options.seed(request.config), options.race_seconds(request.config))
+    print("SEED", options.seed(request.config), options.race_seconds(request.config),
+          options.race_until_goal(request.config))
 '''
 
 
@@ -84,13 +85,13 @@ def test_the_seed_is_in_the_config_stash(pytester, args):
     pytester.makepyfile(test_s=SEED)
     res = pytester.runpytest_subprocess("-p", "harness.pytest.race", "-p", "no:cacheprovider", "-s", *args)
     res.assert_outcomes(passed=1)
-    m = re.search(r"SEED (\d+) (\S+)", res.stdout.str())
+    m = re.search(r"SEED (\d+) (\S+) (\S+)", res.stdout.str())
     assert m, res.stdout.str()
-    if args:
-        assert m.groups() == ("1234", "2.5")
+    if args:  # a soak: the whole duration, no early end at the goal
+        assert m.groups() == ("1234", "2.5", "False")
         res.stdout.fnmatch_lines(["race: seed 1234, 2.5 s per case"])
     else:
-        assert m.group(2) == "1.0"
+        assert m.group(2, 3) == ("1.0", "True")
         assert "race: seed" not in res.stdout.str()
 
 

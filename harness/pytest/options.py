@@ -162,6 +162,14 @@ def race_seconds(config: pytest.Config, default: float = DEFAULT_RACE_SECONDS) -
     return race_seconds_given(config) or default
 
 
+def race_until_goal(config: pytest.Config) -> bool:
+    """Whether a race case may end as soon as it did what its goal says (then the duration is a cap):
+    yes by default, no with --race-seconds (a soak races its whole duration). The goals are counts
+    (sweeps, overlapped host operations, guest rounds), the same on every machine; a fixed short
+    duration did too little under TCG and more than needed here."""
+    return race_seconds_given(config) is None
+
+
 def seed_given(config: pytest.Config) -> bool:
     """Whether --race-seed fixed the seed (else it was drawn at start)."""
     return config.getoption("--race-seed") is not None

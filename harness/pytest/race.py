@@ -22,7 +22,7 @@ import pytest
 from harness.kvm.watchdog import WATCHDOG
 from harness.memory import PAGE_4K
 from harness.pytest import options
-from harness.race import ORACLES, Race, RaceReport, RaceSpec
+from harness.race import ORACLES, Race, RaceGoal, RaceReport, RaceSpec
 
 if TYPE_CHECKING:
     from harness.kvm.system import Kvm
@@ -58,6 +58,8 @@ class RaceRunner:
         self.kvm = kvm
         self.backings = backings
         self.seconds = options.race_seconds(request.config)
+        # without --race-seconds a case races to its goal (at most the default duration); a soak runs it all
+        self.goal = None if options.race_seconds_given(request.config) else RaceGoal()
         self.seed = options.seed(request.config)
         self.last: RaceReport | None = None
 
@@ -69,7 +71,8 @@ class RaceRunner:
         cs = getattr(req.node, "callspec", None)
         label = f"{req.node.originalname}[{cs.id}]" if cs is not None else req.node.name
         spec = RaceSpec(kind, tuple(disruptors), vcpus=vcpus, page=page, seconds=secs, seed=self.seed,
-                        progress_bound=progress_bound, label=label, kvmclock=kvmclock)
+                        progress_bound=progress_bound, label=label, kvmclock=kvmclock,
+                        goal=self.goal if seconds is None else None)
         # soaks outlive the per-test KVM_RUN bound: give this case its own
         WATCHDOG.set_global_deadline(secs + 8 * progress_bound + 120,
                                      f"race case exceeded {secs:g} s + its stop bounds")

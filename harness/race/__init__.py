@@ -1,6 +1,7 @@
 """Race engine: vCPU toucher threads against host disruptor threads, with data oracles.
 
-    plan.py        RaceSpec (what one race is asked to do), ORACLES, RaceUnsupported
+    plan.py        RaceSpec (what one race is asked to do), RaceGoal (when it may end early), ORACLES,
+                   RaceUnsupported
     protocol.py    the generation protocol shared with guests/payloads/race_toucher.c (pure)
     region.py      the raced region in guest and host memory; the protocol's host-side writers
     disruptors/    host operations on the region (HostContext is all they see of the race)
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from harness.race.disruptors import DISRUPTORS
 from harness.race.engine import Race
-from harness.race.plan import ORACLES, RaceSpec, RaceUnsupported
+from harness.race.plan import ORACLES, RaceGoal, RaceSpec, RaceUnsupported
 from harness.race.report import RaceReport
 
-__all__ = ["DISRUPTORS", "ORACLES", "Race", "RaceReport", "RaceSpec", "RaceUnsupported"]
+__all__ = ["DISRUPTORS", "ORACLES", "Race", "RaceGoal", "RaceReport", "RaceSpec", "RaceUnsupported"]

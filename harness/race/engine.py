@@ -198,7 +198,7 @@ class Race:
                     self._threads.append(th)
                 for th in dthreads:
                     th.start()
-                self._monitor(t0)
+                self._monitor(t0, sw0)
                 rep.duration = time.monotonic() - t0
                 rep.sweeps_in_race = sum(self._sweeps()) - sum(sw0)
                 self._stop_disruptors(dthreads)
@@ -219,7 +219,15 @@ class Race:
             health.close()
         return rep
 
-    def _monitor(self, t0: float) -> None:
+    def _goal_met(self, sw0: list[int], cur: list[int], elapsed: float) -> bool:
+        goal = self.spec.goal
+        assert goal is not None
+        return elapsed >= goal.min_seconds \
+            and all(c - s >= goal.sweeps or g.done for c, s, g in zip(cur, sw0, self.guests, strict=True)) \
+            and all(d.overlapped >= goal.ops for d in self.disruptors) \
+            and (not self.spec.kvmclock or self.report.clock_sets >= goal.ops)
+
+    def _monitor(self, t0: float, sw0: list[int]) -> None:
         spec = self.spec
         end = t0 + spec.seconds
         last = self._sweeps()
@@ -229,6 +237,9 @@ class Race:
             time.sleep(POLL)
             now = time.monotonic()
             if any(g.error for g in self.guests) or any(d.error for d in self.disruptors):
+                return
+            if spec.goal is not None and self._goal_met(sw0, self._sweeps(), now - t0):
+                self.report.ended = "goal"
                 return
             if spec.max_ops is not None:
                 if first.ops >= spec.max_ops:

@@ -16,6 +16,7 @@ class RaceReport:
     spec: RaceSpec
     backend: str = ""
     duration: float = 0.0
+    ended: str = "time"  # "goal": spec.goal was reached before spec.seconds
     region: int = 0
     stride: int = 0
     host_ops: dict[str, int] = field(default_factory=dict)
@@ -111,7 +112,8 @@ class RaceReport:
         """JUnit properties (record_property): what the case achieved."""
         s = self.spec
         props: list[tuple[str, object]] = [
-            ("race_seed", s.seed), ("race_seconds", round(self.duration, 3)), ("backend", self.backend),
+            ("race_seed", s.seed), ("race_seconds", round(self.duration, 3)), ("race_ended", self.ended),
+            ("backend", self.backend),
             ("region_bytes", self.region), ("tag_stride", self.stride),
             ("host_ops", self.total_ops), ("host_ops_per_s", round(self.ops_per_s)),
             ("host_bytes", self.host_bytes), ("generations", self.generations),
@@ -143,7 +145,8 @@ class RaceReport:
             f"{self.stride:#x}",
             f"  host: {self.total_ops} ops ({', '.join(f'{k} {v}' for k, v in self.host_ops.items())}) in "
             f"{self.duration:.2f} s = {self.ops_per_s:,.0f}/s, {self.host_bytes:#x} bytes, "
-            f"{self.generations} generations",
+            f"{self.generations} generations"
+            + ("; ended at its goal" if self.ended == "goal" else ""),
             f"  overlap: {self.overlapped_ops}/{self.total_ops} host ops began and ended with a vCPU in "
             f"KVM_RUN ({100 * self.overlap_fraction:.0f}%); guest reads during host changes: {self.influx}",
             f"  guest: sweeps per vCPU {self.sweeps} ({self.sweeps_per_s:,.0f}/s), reads judged "
