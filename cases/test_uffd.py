@@ -14,7 +14,7 @@ WAKE after the host wrote it). Every operation holds a fault, not one by chance.
 Where the held vCPUs never wait inside KVM's get_user_pages (their kernel stacks are read while held:
 kvm_pvm emulates the access and reads guest memory with copy_from_user instead) the case skips with
 that evidence after its oracles passed: the race ran, but not the race this file is about.
-~1 s per case; --race-seconds N soaks, --race-seed S reruns.
+Each case races to its goal (harness.race.plan.RaceGoal, at most 1 s); --race-seconds N soaks, --race-seed S reruns.
 """
 
 from __future__ import annotations

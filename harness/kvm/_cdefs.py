@@ -551,6 +551,10 @@ int64_t kh_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t entries, uint64_t f
 /* harness.oracles.mmio.pattern_byte for n consecutive addresses (a page of it is 13 ms in Python,
  * per MMIO case, and ~10x that under TCG); tests/test_mmio_oracle.py pins it to the Python one. */
 void kh_pattern_bytes(uint64_t addr, uint8_t *out, uint64_t n);
+/* harness.memory.memtouch's words and checksum (guests/payloads/memtouch.c's, host side): up to 32k
+ * words per check, ~10 ms each in Python; tests/test_memtouch_host.py pins them to the Python ones. */
+void kh_memtouch_words(uint64_t pattern, uint64_t base, uint64_t stride, uint64_t n, uint64_t *out);
+uint64_t kh_memtouch_checksum(const uint64_t *v, uint64_t n);
 """
 
 FAST_SRC = r"""
@@ -558,6 +562,20 @@ FAST_SRC = r"""
 #define KH_EXIT_IO 2
 #define KH_EXIT_MMIO 6
 #define KH_IO_OUT 1
+
+void kh_memtouch_words(uint64_t pattern, uint64_t base, uint64_t stride, uint64_t n, uint64_t *out)
+{
+    for (uint64_t i = 0; i < n; i++)
+        out[i] = (pattern ^ (base + i * stride)) * 0x9E3779B97F4A7C15ull;
+}
+
+uint64_t kh_memtouch_checksum(const uint64_t *v, uint64_t n)
+{
+    uint64_t s = 0;
+    for (uint64_t i = 0; i < n; i++)
+        s = s * 31 + v[i];
+    return s;
+}
 
 void kh_pattern_bytes(uint64_t addr, uint8_t *out, uint64_t n)
 {
