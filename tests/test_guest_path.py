@@ -43,3 +43,17 @@ def test_missing_payload_is_never_cached(tree):
         guest.guest_path("q", 64)
     with pytest.raises(guest.GuestBuildError, match="is not built"):
         guest.guest_path("q", 64)
+
+
+def test_inside_the_runner_guest_the_check_is_once_per_process():
+    """KVM_HARNESS_ACCEL (set by the kernel runner in its QEMU guest): checked once, never again."""
+    import subprocess
+    import sys
+
+    code = "from harness.lib import guest; print(guest.RECHECK_S)"
+    env = {k: v for k, v in os.environ.items() if k != "KVM_HARNESS_ACCEL"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2.0"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "KVM_HARNESS_ACCEL": "tcg"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["inf"]
