@@ -20,7 +20,7 @@ from harness.kvm.errors import BadInput, ClosedError, HarnessError
 from harness.kvm.ioctl import kvm_ioctl
 from harness.kvm.stats import Stats
 from harness.kvm.vcpu import Vcpu, enable_cap_struct
-from harness.memory.hostmem import PAGE_SIZE, Mapping, view
+from harness.memory.hostmem import MADV_NOHUGEPAGE, PAGE_SIZE, Mapping, madvise, view
 
 
 class System(Protocol):
@@ -226,6 +226,9 @@ class Vm:
             if offset:
                 raise BadInput(where, "offset", offset, "needs a backing (the VM maps its own memory at 0)")
             backing = Mapping(size)
+            # 4 KiB pages: on THP "always" kernels the first touch of each 2 MiB of a boot slot
+            # zeroed a whole THP (~25 ms apiece under the runner's TCG)
+            madvise(backing.addr, size, MADV_NOHUGEPAGE)
             self._owned.append(backing)
         length = getattr(backing, "length", None)
         if length is not None and offset + size > length:
@@ -269,6 +272,13 @@ class Vm:
         m = self._slot(slot, "Vm.move_memslot")
         new_gpa = check_uint(f"Vm.move_memslot memslot {slot}", "new_gpa", new_gpa, 64)
         self._update(m, new_gpa, m.size, m.flags)
+
+    def note_memslot_changed(self, slot: int, gpa: int, size: int) -> None:
+        """Record a move (new gpa) or delete (size 0) of `slot` that already succeeded through a raw
+        ioctl on self.fd outside this object (harness/race's C loop): no ioctl, only the table."""
+        m = self._slot(slot, "Vm.note_memslot_changed")
+        self._track(Memslot(m.slot, gpa, size, m.hva, m.flags, m.guest_memfd, m.guest_memfd_offset, m.backing,
+                            m.backing_offset, m.v2))
 
     def set_memslot_flags(self, slot: int, flags: int) -> None:
         """KVM_MR_FLAGS_ONLY: e.g. toggle KVM_MEM_LOG_DIRTY_PAGES (KVM refuses READONLY changes)."""

@@ -195,6 +195,12 @@ class AnonBacking(Backing):
     def __init__(self, size: int) -> None:
         super().__init__(size)
         self._map(self._flags)
+        self._small_pages(0, self.length)
+
+    def _small_pages(self, offset: int, length: int) -> None:
+        # 4 KiB pages on every kernel: with THP "always" (Debian's kernels, the runner's guests) a
+        # plain anonymous range got THPs, so `anon` was `anon-thp` there and not here (madvise)
+        hostmem.madvise(self.addr + offset, length, hostmem.MADV_NOHUGEPAGE)
 
     def punch_hole(self, offset: int, length: int) -> None:
         self._check_range(offset, length)
@@ -203,6 +209,7 @@ class AnonBacking(Backing):
     def remap(self, offset: int = 0, length: int | None = None) -> None:
         """A fresh anonymous mapping: the old pages go, the range reads zeros."""
         super().remap(offset, length)
+        self._small_pages(offset, self.length - offset if length is None else length)
 
     def footprint(self) -> int:
         return usage.resident_bytes(self.addr, self.length)

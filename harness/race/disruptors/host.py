@@ -41,7 +41,11 @@ class Remap(Disruptor):
         self.fd = b.fd
         self.anon = not b.supports(Feature.FD)
         self.gmem = b.supports(Feature.GUEST_MEMFD)
-        self.thp = b.supports(Feature.HUGE) and self.anon
+        # each new anonymous mapping gets its kind's page size back: MADV_HUGEPAGE for anon-thp,
+        # MADV_NOHUGEPAGE for the 4 KiB kinds (THP "always" kernels would give them THPs)
+        self.thp_advice = (hostmem.MADV_HUGEPAGE if b.supports(Feature.HUGE) else hostmem.MADV_NOHUGEPAGE) \
+            if self.anon else 0
+        self.thp = bool(self.thp_advice)
         m = b.mapping
         self.flags = (m.flags if m is not None else hostmem.MAP_SHARED) | MAP_FIXED_NOREPLACE
         self.base_off = m.offset if m is not None else 0
@@ -70,7 +74,7 @@ class Remap(Disruptor):
                               "and mmap; the region is left unmapped there (harness, not kernel)")
             raise err
         if self.thp:
-            lib.madvise(ffi.cast("void *", a), length, hostmem.MADV_HUGEPAGE)
+            lib.madvise(ffi.cast("void *", a), length, self.thp_advice)
         self.end(off, length)
 
     def fast_op(self) -> Any:
@@ -80,7 +84,7 @@ class Remap(Disruptor):
         d.flip, d.unit = self.flip, self.unit()
         self._half_c = _cfast.ffi.from_buffer(self.half)  # the same bytes step() flips
         d.half = self._half_c
-        d.thp, d.thp_advice = self.thp, hostmem.MADV_HUGEPAGE
+        d.thp, d.thp_advice = self.thp, self.thp_advice
         return d
 
     def fast_error(self, d: Any) -> OSError:
