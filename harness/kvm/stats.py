@@ -32,26 +32,45 @@ class StatDesc:
 
 
 class Stats:
-    """Reads a stats fd; descriptors are parsed once, values on each read()."""
+    """Reads a stats fd; descriptors are parsed on first use (not at open: the fd is opened for every
+    vCPU the watchdog registers, for hang diagnostics that rarely run: 20 ms per vCPU under TCG),
+    values on each read()."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self._descs: list[StatDesc] | None = None
+
+    def _load(self) -> list[StatDesc]:
+        fd = self.fd
         hdr = os.pread(fd, _HDR.size, 0)
         self.flags, self.name_size, num_desc, id_off, desc_off, self.data_offset = _HDR.unpack(hdr)
-        self.id = os.pread(fd, self.name_size, id_off).split(b"\0", 1)[0].decode()
+        self._id = os.pread(fd, self.name_size, id_off).split(b"\0", 1)[0].decode()
         dsz = _DESC.size + self.name_size
         raw = os.pread(fd, dsz * num_desc, desc_off)
-        self.descs: list[StatDesc] = []
+        descs = []
         for i in range(num_desc):
             flags, exp, size, off, bucket = _DESC.unpack_from(raw, i * dsz)
             name = raw[i * dsz + _DESC.size : (i + 1) * dsz].split(b"\0", 1)[0].decode()
-            self.descs.append(StatDesc(name, flags, exp, size, off, bucket))
-        self._data_len = max((d.offset + 8 * d.size for d in self.descs), default=0)
+            descs.append(StatDesc(name, flags, exp, size, off, bucket))
+        self._data_len = max((d.offset + 8 * d.size for d in descs), default=0)
+        self._descs = descs
+        return descs
+
+    @property
+    def descs(self) -> list[StatDesc]:
+        return self._descs if self._descs is not None else self._load()
+
+    @property
+    def id(self) -> str:
+        if self._descs is None:
+            self._load()
+        return self._id
 
     def read(self) -> dict[str, int | tuple[int, ...]]:
+        descs = self.descs
         data = os.pread(self.fd, self._data_len, self.data_offset)
         out: dict[str, int | tuple[int, ...]] = {}
-        for d in self.descs:
+        for d in descs:
             vals = struct.unpack_from(f"<{d.size}Q", data, d.offset)
             out[d.name] = vals[0] if d.size == 1 else vals
         return out
