@@ -1,11 +1,13 @@
 """Race engine host side: disruptor ops/s (and guest sweeps/s) of harness/race against
 bench/race_disrupt.c doing the same ops, one vCPU running the same guest.
 
-Two pairs: fallocate(PUNCH_HOLE) on shmem, and munmap + mmap(MAP_FIXED_NOREPLACE) on private
-anonymous memory. The C program gets the harness's own guest: the boot slot (payload, page tables,
-control page) and the vCPU registers of a Race set up by the harness, dumped once into a
-temporary directory. Per op both sides do: gentab[] odd for the range, note whether the vCPU is
-in KVM_RUN, the syscall(s), note again, the new tags, gentab[] even.
+Three pairs: fallocate(PUNCH_HOLE) on shmem, munmap + mmap(MAP_FIXED_NOREPLACE) on private
+anonymous memory, and the memslot delete + re-add (KVM_SET_USER_MEMORY_REGION) of private anonymous
+memory, the whole region each op, followed by the seeded pause the harness draws (dumped for the C
+side). The C program gets the harness's own guest: the boot slot (payload, page tables, control
+page) and the vCPU registers of a Race set up by the harness, dumped once into a temporary
+directory. Per op both sides do: gentab[] odd for the range, note whether the vCPU is in KVM_RUN,
+the syscall(s), note again, the new tags, gentab[] even.
 
 The harness side runs each disruptor's inner loop in C (harness/race/_fast_cdefs.py,
 `kh_disrupt_run`): the same steps as race_disrupt.c's loop plus the writers' lock (a semaphore) and
@@ -71,6 +73,9 @@ def image(kind: str, disruptor: str) -> Path:
             (d / "sregs.bin").write_bytes(bytes(ffi.buffer(v.get_sregs())))
             (d / "regs.bin").write_bytes(bytes(ffi.buffer(v.get_regs())))
             (d / "params.txt").write_text(f"{race.ctrl_gpa} {race.gentab_gpa} {race.region} {race.stride} {GPA_A}\n")
+            # the seeded pauses after each op (same spec seed and label: the harness run draws the same)
+            gaps = race.disruptors[0].gaps
+            (d / "gaps.txt").write_text("".join(f"{round(g * 1e9)}\n" for g in gaps))
         finally:
             race.close()
     finally:
@@ -132,6 +137,22 @@ RACE_REMAP_ANON = register(Bench(
     py=lambda n: harness_race("anon", "remap", n),
     count_option="race_ops",
     default_count=20_000,
+    target=0.9,
+    secondary=("sweeps_per_s",),
+    unit="ops/s",
+    params={"pin": PIN},
+))
+
+# Each flip is ~1 ms in the kernel with a running vCPU (every vCPU is kicked out of the guest for the
+# slot change), plus the seeded pause (0.28 ms on average): a few thousand per round.
+RACE_SLOT_READD_ANON = register(Bench(
+    name="race_slot_readd_anon",
+    label="race: memslot delete+re-add on anon, host ops/s",
+    c_cmd=_c_cmd("anon", "slot-readd", "slot-readd"),
+    c_rate_key="host_ops_per_s",
+    py=lambda n: harness_race("anon", "slot-readd", n),
+    count_option="slot_flips",
+    default_count=2_000,
     target=0.9,
     secondary=("sweeps_per_s",),
     unit="ops/s",

@@ -5,10 +5,13 @@
 // even. The guest (boot slot image, registers) is the one the harness builds, dumped by
 // bench/race.py into IMAGE_DIR, so both sides run the same guest code over the same layout.
 //
-// Usage: race_disrupt IMAGE_DIR punch|remap N [CPU_DISRUPT,CPU_VCPU]
+// Usage: race_disrupt IMAGE_DIR punch|remap|slot-readd N [CPU_DISRUPT,CPU_VCPU]
 //   (the optional pinning is the same the harness side uses in bench/race.py)
 //   punch: fallocate(PUNCH_HOLE|KEEP_SIZE) on a memfd (shmem)
 //   remap: munmap + mmap(MAP_FIXED_NOREPLACE) of private anonymous memory
+//   slot-readd: KVM_SET_USER_MEMORY_REGION delete + re-add of the region's memslot (same GPA, same
+//     private anonymous memory), every op over the whole region, then the seeded pause the harness
+//     draws for that op (IMAGE_DIR/gaps.txt: ns per op count, cycled), as SlotReadd.step does
 // Prints one JSON line: {"ops", "seconds", "host_ops_per_s", "sweeps", "sweeps_per_s", "overlapped",
 // "violations"}.
 #define _GNU_SOURCE
@@ -57,6 +60,13 @@ static void read_file(const char *dir, const char *name, void *buf, size_t len)
 		got += n;
 	}
 	close(fd);
+}
+
+static void sleep_ns(uint64_t ns)
+{
+	struct timespec ts = { (time_t)(ns / 1000000000ULL), (long)(ns % 1000000000ULL) };
+	while (nanosleep(&ts, &ts) && errno == EINTR)
+		;
 }
 
 static uint64_t tag_base(uint64_t gen) { return (MAGIC << 48) | ((gen & GEN_MASK) << 20); }
@@ -138,7 +148,7 @@ static void *vcpu_main(void *arg)
 int main(int argc, char **argv)
 {
 	if (argc != 4 && argc != 5) {
-		fprintf(stderr, "usage: race_disrupt IMAGE_DIR punch|remap N [CPU_DISRUPT,CPU_VCPU]\n");
+		fprintf(stderr, "usage: race_disrupt IMAGE_DIR punch|remap|slot-readd N [CPU_DISRUPT,CPU_VCPU]\n");
 		return 2;
 	}
 	int pin_disrupt = -1;
@@ -148,8 +158,9 @@ int main(int argc, char **argv)
 	}
 	const char *dir = argv[1];
 	int remap = !strcmp(argv[2], "remap");
-	if (!remap && strcmp(argv[2], "punch")) {
-		fprintf(stderr, "race_disrupt: mode %s (punch|remap)\n", argv[2]);
+	int readd = !strcmp(argv[2], "slot-readd");
+	if (!remap && !readd && strcmp(argv[2], "punch")) {
+		fprintf(stderr, "race_disrupt: mode %s (punch|remap|slot-readd)\n", argv[2]);
 		return 2;
 	}
 	long n = strtol(argv[3], NULL, 0);
@@ -167,6 +178,17 @@ int main(int argc, char **argv)
 		fclose(f);
 	}
 	unsigned long npages = region / stride;
+	// slot-readd: the harness's seeded pauses (Disruptor.gaps), ns
+	static uint64_t gaps[SCHED];
+	if (readd) {
+		char path[4096];
+		snprintf(path, sizeof(path), "%s/gaps.txt", dir);
+		FILE *f = fopen(path, "r");
+		for (int i = 0; i < SCHED; i++)
+			if (!f || fscanf(f, "%lu", &gaps[i]) != 1)
+				die("gaps.txt");
+		fclose(f);
+	}
 
 	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (kvm < 0)
@@ -184,7 +206,7 @@ int main(int argc, char **argv)
 
 	int fd = -1;
 	int flags = MAP_PRIVATE | MAP_ANONYMOUS;
-	if (!remap) {
+	if (!remap && !readd) {
 		fd = memfd_create("race_disrupt", MFD_CLOEXEC);
 		if (fd < 0 || ftruncate(fd, region) < 0)
 			die("memfd");
@@ -258,12 +280,23 @@ int main(int argc, char **argv)
 	double t0 = now();
 	for (long i = 0; i < n && !vcpu_failed; i++) {
 		unsigned long off = sched_off[i % SCHED], len = sched_len[i % SCHED];
+		if (readd) { // whole region, as every memslot op
+			off = 0;
+			len = region;
+		}
 		unsigned long p0 = off / stride, p1 = (off + len + stride - 1) / stride;
 		ctrl[0] = ++seq;
 		for (unsigned long p = p0; p < p1; p++)
 			gentab[p] = 2 * gen + 1;
 		int was = atomic_load_explicit(&in_run, memory_order_relaxed);
-		if (remap) {
+		if (readd) {
+			r1.memory_size = 0;
+			if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &r1))
+				die("KVM_SET_USER_MEMORY_REGION delete");
+			r1.memory_size = region;
+			if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &r1))
+				die("KVM_SET_USER_MEMORY_REGION re-add");
+		} else if (remap) {
 			if (munmap(mem + off, len))
 				die("munmap");
 			if (mmap(mem + off, len, PROT_READ | PROT_WRITE,
@@ -279,6 +312,8 @@ int main(int argc, char **argv)
 			*(volatile uint64_t *)(mem + p * stride) = tag_base(gen) + p;
 		for (unsigned long p = p0; p < p1; p++)
 			gentab[p] = 2 * gen;
+		if (readd && gaps[(i + 1) % SCHED])
+			sleep_ns(gaps[(i + 1) % SCHED]);
 	}
 	double t = now() - t0;
 	uint64_t s1 = *sweeps;

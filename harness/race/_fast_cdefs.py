@@ -15,6 +15,8 @@ SHARED = r"""
 #define KH_OP_MADVISE 2
 #define KH_OP_REMAP 3
 #define KH_OP_MPROTECT 4
+#define KH_OP_SLOT_READD 5
+#define KH_OP_SLOT_MOVE 6
 
 #define KH_FAIL_FALLOCATE 1
 #define KH_FAIL_MADVISE 2
@@ -22,6 +24,21 @@ SHARED = r"""
 #define KH_FAIL_MMAP 4
 #define KH_FAIL_MPROTECT_RO 5
 #define KH_FAIL_MPROTECT_RW 6
+#define KH_FAIL_SLOT 7        /* fail_a: which call (slot_arg[] index), fail_b: its GPA, fail_c: its size */
+
+/* struct kvm_userspace_memory_region2 (harness/kvm/_cdefs.py; disruptors/kvm.py checks the size):
+   KVM_SET_USER_MEMORY_REGION reads its first 32 bytes, which are the v1 struct */
+struct kh_memslot {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+    uint64_t guest_memfd_offset;
+    uint32_t guest_memfd;
+    uint32_t pad1;
+    uint64_t pad2[14];
+};
 
 struct kh_disrupt {
     struct kh_region *r;
@@ -55,6 +72,13 @@ struct kh_disrupt {
     uint64_t *snap;           /* writer words of the range right after PROT_READ: [writer][page - p0] */
     uint64_t *landed;         /* (vcpu, page, before, after) per changed word, for the ro-write oracle */
     uint32_t landed_cap, nlanded;
+    /* memslot ops, each over the whole region: raw KVM_SET_USER_MEMORY_REGION(2) on vm_fd at the GPA
+       ctrl->loc names (slot_gpa[loc]); slot-readd issues slot_arg[0] (delete) then slot_arg[1]
+       (re-add), slot-move slot_arg[0] at the other GPA, then ctrl->loc = the other (the guest follows) */
+    int vm_fd;
+    unsigned long slot_req[2];      /* the ioctl number for each slot_arg[] */
+    struct kh_memslot slot_arg[2];  /* the loop sets guest_phys_addr per op */
+    uint64_t slot_gpa[2];
     volatile int32_t stop;    /* any thread may set it: the loop returns after the current op */
     uint64_t ops, bytes, overlapped;
     /* the failed call: KH_FAIL_*, errno, its arguments */
@@ -97,9 +121,11 @@ SRC = r"""
 #include <semaphore.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <time.h>
 
+#define KH_CTRL_LOC 2  /* ctrl->loc (protocol.CTRL_LOC / 8): which GPA the slot is at */
 #define KH_MAGIC 0xa5c3ULL
 #define KH_GEN_MASK 0xfffffffULL
 #define KH_PAGE_BITS 20
@@ -342,6 +368,25 @@ int kh_disrupt_run(struct kh_disrupt *d, uint64_t limit, uint64_t slice_ns)
                 return kh_fail(d, KH_FAIL_MMAP, a, len, (uint64_t)fo);
             if (d->thp)
                 madvise((void *)a, len, d->thp_advice);  /* best effort, as Remap.step */
+            break;
+        }
+        case KH_OP_SLOT_READD: {
+            /* SlotReadd.step: delete, then add again at Region.gpa_now (read under the lock) */
+            uint64_t gpa = d->slot_gpa[r->ctrl[KH_CTRL_LOC] ? 1 : 0];
+            for (int k = 0; k < 2; k++) {
+                d->slot_arg[k].guest_phys_addr = gpa;
+                if (ioctl(d->vm_fd, d->slot_req[k], &d->slot_arg[k]) < 0)
+                    return kh_fail(d, KH_FAIL_SLOT, (uint64_t)k, gpa, d->slot_arg[k].memory_size);
+            }
+            break;
+        }
+        case KH_OP_SLOT_MOVE: {
+            /* SlotMove.step: KVM_MR_MOVE to the other GPA, then Region.set_loc (the guest follows) */
+            uint64_t loc = r->ctrl[KH_CTRL_LOC] ? 0 : 1;
+            d->slot_arg[0].guest_phys_addr = d->slot_gpa[loc];
+            if (ioctl(d->vm_fd, d->slot_req[0], &d->slot_arg[0]) < 0)
+                return kh_fail(d, KH_FAIL_SLOT, 0, d->slot_gpa[loc], d->slot_arg[0].memory_size);
+            r->ctrl[KH_CTRL_LOC] = loc;
             break;
         }
         default:

@@ -90,7 +90,6 @@ class Region:
                                        int(ffi.cast("uintptr_t", ctrl)), backing.addr, size, stride)
         if rc:
             raise OSError(-rc, f"sem_init: {os.strerror(-rc)}")
-        self.loc = 0  # 0: the slot is at GPA_A, 1: at GPA_B
         ctrl[0] = 0
         self._publish(0, size)  # generation 1 everywhere
 
@@ -113,6 +112,12 @@ class Region:
 
     # ---- where things are ------------------------------------------------------------------------
     @property
+    def loc(self) -> int:
+        """0: the slot is at GPA_A, 1: at GPA_B. ctrl->loc itself (one copy, whichever path moves
+        the slot: step() through set_loc, or slot-move's C loop)."""
+        return int(self.ctrl[2])
+
+    @property
     def gpa_now(self) -> int:
         return self.gpa_of_loc(self.loc)
 
@@ -121,7 +126,6 @@ class Region:
 
     def set_loc(self, loc: int) -> None:
         """The slot now lives at gpa_of_loc(loc); the guest follows ctrl->loc."""
-        self.loc = loc
         self.ctrl[2] = loc
 
     def windows(self) -> tuple[tuple[int, int], ...]:
