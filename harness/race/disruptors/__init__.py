@@ -4,8 +4,8 @@ Each disruptor's `step(off, length)` does one host operation on [off, off+length
 bracketed (when the operation can change what the guest may read) by the region's seqlock:
 `self.begin(off, length)` (the range's pages odd in the per-page seqlock) ... syscall ...
 `self.end(off, length)` (the next generation's tag in every page of the range, then published).
-Disruptors with a `fast_op()` (remap, the madvise family, punch, mprotect) run the whole loop in C
-(harness.race._cfast, GIL released): the same ops, publications and counters as step(), which stays
+Disruptors with a `fast_op()` (remap, the madvise family, punch, mprotect, slot-readd, slot-move) run the
+whole loop in C (harness.race._cfast, GIL released): the same ops, publications and counters as step(), which stays
 the path for the others, for planted-fault subclasses and with HARNESS_RACE_FAST=0
 (docs/races.md, "The fast path"); so the host side keeps pace with a C loop (bench/race.py).
 
