@@ -22,7 +22,8 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+
+from harness.health.procfs import read_text
 
 FACILITY_KERNEL = 0
 FACILITY_USER = 1
@@ -318,7 +319,7 @@ TAINT_LETTERS = "PFSRMBUDAWCIOELKXTNJ"
 def read_tainted(path: str = TAINTED_PATH) -> int:
     """The kernel taint mask; compare before/after a test (W = bit 9 after a WARN, D = bit 7 after
     an Oops, B = bit 5 bad page, L = bit 14 soft lockup)."""
-    return int(Path(path).read_text().strip())
+    return int(read_text(path).strip())
 
 
 def taint_letters(mask: int) -> str:

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.health.procfs import read_text
 from harness.memory.hugepages import DEFAULT_LEDGER as HUGEPAGE_LEDGER
 from harness.memory.mounts import PREFIX as MOUNT_PREFIX
 from harness.memory.usage import HUGEPAGES_SYSFS
@@ -40,18 +41,6 @@ THREAD_GRACE_S = 1.0
 DEFAULT_RSS_MB = 128
 DEFAULT_ANON_MB = 512
 _LIB_RE = re.compile(r"\.so(\.[0-9.]+)?$|/python[0-9.]*$|\.pyc$")
-
-
-def _read(path: str | Path) -> str:
-    """A /proc or sysfs file in three syscalls (open() adds fstat, ioctl and lseek: ~5x the cost here)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 17):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode(errors="surrogateescape")
 
 
 def open_fds() -> dict[int, str]:
@@ -74,7 +63,7 @@ def _threads() -> dict[int, str]:
             out[tid] = names[tid]
             continue
         try:
-            out[tid] = _read(f"/proc/self/task/{tid}/comm").strip()
+            out[tid] = read_text(f"/proc/self/task/{tid}/comm").strip()
         except OSError:
             continue  # gone
     return out
@@ -108,7 +97,7 @@ def _maps() -> tuple[Counter[str], int]:
     memo = _line_memo
     if len(memo) > 8192:  # new VMAs every case: keep the memo bounded
         memo.clear()
-    for line in _read("/proc/self/maps").splitlines():
+    for line in read_text("/proc/self/maps").splitlines():
         c = memo.get(line)
         if c is None:
             c = memo[line] = _classify(line)
@@ -141,7 +130,7 @@ def _hugepages() -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         pools = {}
         for d in _pool_dirs():
             try:
-                pools[d.name] = int(_read(d / "nr_hugepages"))
+                pools[d.name] = int(read_text(d / "nr_hugepages"))
             except (OSError, ValueError):
                 continue
         holders: dict[str, dict[str, int]] = {}
@@ -166,7 +155,7 @@ def _our_mount_dirs(extra: list[str]) -> list[str]:
 def _mounts(extra: list[str]) -> set[str]:
     mine = _our_mount_dirs(extra)
     out = set()
-    for line in _read("/proc/self/mountinfo").splitlines():
+    for line in read_text("/proc/self/mountinfo").splitlines():
         if not any(m in line for m in mine) and "\\" not in line:
             continue  # (the mount point is field 5, octal-escaped: decode only lines that may match)
         fields = line.split()
@@ -189,7 +178,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _rss() -> int:
-    return int(_read("/proc/self/statm").split()[1]) * _PAGE
+    return int(read_text("/proc/self/statm").split()[1]) * _PAGE
 
 
 @dataclass
