@@ -13,6 +13,7 @@ import io
 import json
 import lzma
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 from harness.qemu import image, initramfs, runner
 from harness.qemu.modules import ModuleError, ModuleTree, modname
 from harness.qemu.runner import BAD, GOOD, SKIP, GuestProgress, RunConfig, parse_sentinel, verdict
+from harness.report.ktap_parser import parse_ktap
 
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN = REPO / ".cache" / "kernels" / "debian" / "current"
@@ -400,6 +402,252 @@ def test_cli_refuses_known_unreliable_settings(tmp_path, capsys):
         pytest.skip("needs qemu-system-x86_64 and busybox to get as far as choosing the accelerator")
     assert main(["kernel", "--kernel", str(k), "--accel", "tcg", "--cpus", "2", "--", "x"]) == SKIP
     assert "refused: 2 vCPUs under TCG" in capsys.readouterr().out
+
+
+# ---- shards: pure parts ------------------------------------------------------------------------------
+
+def test_shard_args_rewrite_result_files_and_add_the_shard():
+    args = ["cases/", "--junitxml=/o/j.xml", "--ktap", "/o/k.txt", "-q", "-p", "no:cacheprovider"]
+    out, files = runner.shard_args(args, 2, 3)
+    assert out == ["--shard", "2/3", "cases/", "--junitxml=/o/j.xml.shard2", "--ktap", "/o/k.txt.shard2", "-q",
+                   "-p", "no:cacheprovider"]
+    assert files == [("junit", "/o/j.xml"), ("ktap", "/o/k.txt")]
+    out, files = runner.shard_args(["--junit-xml", "r/j.xml", "--ktap=r/k.txt", "x.py"], 1, 2)
+    assert out[2:] == ["--junit-xml", "r/j.xml.shard1", "--ktap=r/k.txt.shard1", "x.py"]
+    assert files == [("junit", "r/j.xml"), ("ktap", "r/k.txt")]
+    # --ktap alone, --ktap - and --ktap before an option are stdout: nothing to merge, left alone
+    for args in (["--ktap", "x.py"][:1], ["--ktap", "-", "x.py"], ["--ktap", "-q"], ["--ktap=-"]):
+        out, files = runner.shard_args(args, 1, 2)
+        assert out[2:] == args and files == []
+    out, files = runner.shard_args(["x.py", "--", "--ktap=k"], 1, 2)  # after --: positional
+    assert out == ["--shard", "1/2", "x.py", "--", "--ktap=k"] and files == []
+
+
+def _r(code, outcome="verdict", reason="", boot=None, total=1.0, cases=None):
+    return runner.RunResult(code, outcome, reason or f"said {code}", boot, total, [f"tail {code}"], "",
+                            shard_cases=cases)
+
+
+@pytest.mark.parametrize("codes,want", [
+    ([GOOD, GOOD], GOOD),
+    ([GOOD, BAD], BAD),
+    ([BAD, runner.ABORT], runner.ABORT),
+    ([SKIP, BAD], BAD),
+    ([GOOD, SKIP], GOOD),  # the guest's own 125 (its cases all skipped) beside a pass: a run with skips
+    ([SKIP, SKIP], SKIP),
+    ([GOOD, GOOD, SKIP], GOOD),
+])
+def test_combine_verdicts(codes, want):
+    res = runner.combine([_r(c) for c in codes])
+    assert res.code == want and res.outcome == "verdict" and len(res.shards) == len(codes)
+
+
+def test_combine_names_the_deciding_shard_and_takes_its_console():
+    res = runner.combine([_r(GOOD, reason="the cases passed", boot=30.0, total=50.0),
+                          _r(BAD, "crash", "the guest died", boot=41.0, total=60.0),
+                          _r(BAD, reason="a case failed", boot=35.0)])
+    assert (res.code, res.outcome) == (BAD, "crash")  # of the two 1s, the one without a verdict shows why
+    assert res.reason.startswith("shard 2/3: the guest died [crash]; shard 1/3: the cases passed; shard 3/3: ")
+    assert res.console_tail == ["tail 1"] and res.boot_seconds == 41.0
+
+
+def test_combine_outside_125_wins_over_a_pass_and_setup_over_a_failure():
+    res = runner.combine([_r(GOOD), _r(SKIP, "timeout", "the overall timeout expired")])
+    assert (res.code, res.outcome) == (SKIP, "timeout") and res.reason.startswith("shard 2/2: the overall")
+    res = runner.combine([_r(BAD), _r(SKIP, "setup", "QEMU did not start")])
+    assert (res.code, res.outcome) == (SKIP, "setup") and res.reason.startswith("shard 2/2: QEMU did not start")
+    res = runner.combine([_r(BAD), _r(SKIP, "stopped", "stopped with the run")])
+    assert res.code == BAD
+
+
+def test_combine_a_shard_without_cases_does_not_count():
+    empty = _r(runner.ABORT, reason="the selection is wrong", cases=(0, 1))
+    res = runner.combine([_r(GOOD, cases=(1, 1)), empty])
+    assert res.code == GOOD and "shard 2/2: none of the 1 collected cases fell to it" in res.reason
+    nothing = _r(runner.ABORT, reason="collected no cases", cases=(0, 0))  # the selection itself is empty
+    assert runner.combine([nothing, nothing]).code == runner.ABORT
+    assert runner.combine([empty, empty]).code == runner.ABORT
+
+
+def test_auto_shards():
+    assert runner.auto_shards("tcg", 2, "2G", 20000) == 2
+    assert runner.auto_shards("tcg", 16, "2G", None) == runner.MAX_AUTO_SHARDS
+    assert runner.auto_shards("tcg", 8, "2G", 5000) == 2  # what MemAvailable holds
+    assert runner.auto_shards("tcg", 8, "2G", 100) == 1
+    assert runner.auto_shards("kvm", 8, "2G", 20000) == 1
+
+
+def test_cli_shards_option(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(runner, "run", lambda cfg, out: seen.append(cfg) or runner.RunResult(GOOD, "verdict", "ok"))
+    from harness.__main__ import main
+
+    assert main(["kernel", "--kernel", "/k", "--shards", "2", "--", "x.py"]) == GOOD
+    assert main(["kernel", "--kernel", "/k", "--shards", "auto", "--", "x.py"]) == GOOD
+    assert main(["kernel", "--kernel", "/k", "--", "x.py"]) == GOOD
+    assert [c.shards for c in seen] == [2, 0, 1]
+    with pytest.raises(SystemExit):
+        main(["kernel", "--kernel", "/k", "--shards", "0", "--", "x.py"])
+    assert "at least 1 guest" in capsys.readouterr().err
+    from harness.cli import matrix
+
+    assert matrix._parser().parse_args(["--shards", "3", "--", "x.py"]).shards == 3  # matrix and bisect too
+
+
+# ---- shards against a fake QEMU ---------------------------------------------------------------------
+
+FAKE_SHARD_QEMU = r'''#!{python}
+import json, os, re, sys, time
+sys.path.insert(0, {repo!r})
+from harness.report.ktap import KtapResult, KtapWriter
+args = sys.argv[1:]
+initrd = open(args[args.index("-initrd") + 1], "rb").read()
+nonce = re.search(rb"@@KH-BOOTED ([0-9a-f]+)@@", initrd).group(1).decode()
+spec = json.JSONDecoder().raw_decode(initrd[initrd.index(b'{{"pytest_args"'):].decode("utf-8", "replace"))[0]
+pa = spec["pytest_args"]
+i, n = map(int, pa[pa.index("--shard") + 1].split("/"))
+with open({record!r}, "a") as f:
+    f.write(f"{{i}} {{os.getpid()}} {{args[args.index('-initrd') + 1]}}\n")
+mode = {modes!r}[i - 1]
+say = lambda s: (sys.stdout.write(s + "\r\n"), sys.stdout.flush())
+say(f"@@KH-BOOTED {{nonce}}@@ uptime 0.2")
+if mode == "slow":
+    time.sleep(120)
+cases = [f"cases/test_f.py::test_{{k}}" for k in range(3)][i - 1::n] if mode != "empty" else []
+say(f"shard {{i}}/{{n}}: runs {{len(cases)}} of 3 collected cases (round-robin)")
+files = [a.split("=", 1) for a in pa if "=" in a] + [[a, b] for a, b in zip(pa, pa[1:]) if a.startswith("--")]
+for opt, path in files:
+    if opt == "--ktap":
+        with open(path, "w") as f:
+            w = KtapWriter(f, len(cases), suite="kvm")
+            w.diagnostic("kernel fake-7.3 (x86_64)"); w.diagnostic("backend kvm_amd")
+            for c in cases:
+                w.add(KtapResult(c, "fail" if mode == "fail" else "pass", "boom" if mode == "fail" else ""))
+            w.close()
+    if opt == "--junitxml":
+        tcs = "".join(f'<testcase classname="cases.test_f" name="{{c.split("::")[1]}}" time="0.1" />' for c in cases)
+        open(path, "w").write(f'<testsuites><testsuite name="pytest" errors="0" failures="0" skipped="0" '
+                                f'tests="{{len(cases)}}" time="1.0">{{tcs}}</testsuite></testsuites>')
+code = {{"pass": 0, "fail": 1, "empty": 128}}[mode]
+for k in range(5):
+    say(f"line {{k}} of shard {{i}}")
+say(f"bisect: shard {{i}} says {{code}}")
+say(f"@@KH-RESULT {{nonce}} {{code}}@@"); say(f"@@KH-EXIT {{nonce}} {{code}}@@")
+'''
+
+
+def _fake_shards(tmp_path: Path, modes: list[str], monkeypatch=None) -> tuple[Path, Path, Path]:
+    bb = tmp_path / "busybox"
+    bb.write_bytes(b"\x7fELF")
+    if monkeypatch is not None:
+        monkeypatch.setattr(initramfs, "find_busybox", lambda: str(bb))
+    q = tmp_path / "qemu"
+    record = tmp_path / "record"
+    q.write_text(FAKE_SHARD_QEMU.format(python=sys.executable, repo=str(REPO), record=str(record), modes=modes))
+    q.chmod(0o755)
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"not really a kernel")
+    return q, kernel, record
+
+
+def _records(record: Path) -> list[tuple[int, int, Path]]:
+    rows = [ln.split() for ln in record.read_text().splitlines()] if record.exists() else []
+    return [(int(i), int(pid), Path(initrd)) for i, pid, initrd in rows]
+
+
+def test_fake_shards_run_side_by_side_and_merge(tmp_path, monkeypatch):
+    q, kernel, record = _fake_shards(tmp_path, ["pass", "fail"], monkeypatch)
+    res_dir = tmp_path / "res"
+    args = ["cases/", f"--junitxml={res_dir / 'j.xml'}", "--ktap", str(res_dir / "k.txt")]
+    res_dir.mkdir()
+    (res_dir / "k.txt.shard2").write_text("stale, from an earlier run")
+    out = io.StringIO()
+    cfg = RunConfig(kernel=kernel, pytest_args=args, qemu=str(q), boot_timeout=5.0, timeout=20.0, shards=2,
+                    outdir=res_dir)
+    res = runner.run(cfg, out)
+    runner.report(res, out)
+    text = out.getvalue()
+    assert (res.code, res.outcome) == (BAD, "verdict"), text
+    assert res.reason.startswith("shard 2/2: a case failed (bisect: shard 2 says 1); shard 1/2: the cases passed")
+    assert [r.shard_cases for r in res.shards] == [(2, 3), (1, 3)]
+    for line in text.splitlines():  # every console line whole and under its shard's prefix
+        if "line " in line or "@@KH-" in line:
+            assert re.match(r"\[(\d)/2\] ", line) and (f"shard {line[1]}" in line or "@@KH-" in line), line
+    assert "[1/2] line 4 of shard 1" in text and "[2/2] line 4 of shard 2" in text
+    assert "kernel-runner: shard 2/2: verdict, exit 1, ran 1 of 3 cases" in text
+    rows = _records(record)
+    assert sorted(i for i, _, _ in rows) == [1, 2] and len({p for _, _, p in rows}) == 2  # own initramfs each
+    assert all(_gone(pid) for _, pid, _ in rows) and not any(p.parent.exists() for _, _, p in rows)
+    doc = parse_ktap((res_dir / "k.txt").read_text())
+    assert [t.description for t in doc.tests] == ["cases/test_f.py::test_0", "cases/test_f.py::test_2",
+                                                  "cases/test_f.py::test_1"]
+    assert [t.ok for t in doc.tests] == [True, True, False]
+    junit = (res_dir / "j.xml").read_text()
+    assert junit.count("<testcase") == 3 and 'tests="3"' in junit
+    assert sorted(f.name for f in res_dir.iterdir()) == ["j.xml", "k.txt"]  # shard files merged and removed
+
+
+def test_fake_shards_one_without_cases(tmp_path, monkeypatch):
+    q, kernel, _ = _fake_shards(tmp_path, ["pass", "empty", "empty"], monkeypatch)
+    out = io.StringIO()
+    res = runner.run(RunConfig(kernel=kernel, pytest_args=["x"], qemu=str(q), boot_timeout=5.0, timeout=20.0,
+                               shards=3), out)
+    assert res.code == GOOD, res.reason
+    assert "no shard wrote" not in out.getvalue()  # no result files asked for: nothing said
+
+
+def test_fake_shards_timeout_stops_every_qemu(tmp_path, monkeypatch):
+    q, kernel, record = _fake_shards(tmp_path, ["pass", "slow"], monkeypatch)
+    t = time.monotonic()
+    res = runner.run(RunConfig(kernel=kernel, pytest_args=["x"], qemu=str(q), boot_timeout=5.0, timeout=4.0,
+                               shards=2), io.StringIO())
+    assert (res.code, res.outcome) == (SKIP, "timeout") and res.reason.startswith("shard 2/2: the overall timeout")
+    assert time.monotonic() - t < 15 and res.boot_seconds is not None
+    assert all(_gone(pid) for _, pid, _ in _records(record))
+
+
+def test_fake_shards_a_guest_that_cannot_be_made_is_125(tmp_path, monkeypatch):
+    q, kernel, record = _fake_shards(tmp_path, ["pass", "pass"], monkeypatch)
+    real_make = runner._make_guest
+
+    def make(cfg, prep, gdir, args):
+        if "2/2" in args:
+            raise OSError(28, "No space left on device")
+        return real_make(cfg, prep, gdir, args)
+
+    monkeypatch.setattr(runner, "_make_guest", make)
+    res = runner.run(RunConfig(kernel=kernel, pytest_args=["x"], qemu=str(q), shards=2), io.StringIO())
+    assert (res.code, res.outcome) == (SKIP, "setup") and "shard 2/2" in res.reason and "No space" in res.reason
+    assert not _records(record)  # no QEMU was started
+
+
+def test_sigterm_to_a_sharded_run_kills_every_qemu(tmp_path):
+    q, kernel, record = _fake_shards(tmp_path, ["slow", "slow"])
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from harness.qemu import initramfs, runner
+        initramfs.find_busybox = lambda: {str(tmp_path / "busybox")!r}
+        runner.run(runner.RunConfig(kernel=Path({str(kernel)!r}), pytest_args=["x"], qemu={str(q)!r},
+                                    timeout=60.0, shards=2))
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while len(_records(record)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the run loops
+        p.terminate()
+        assert p.wait(timeout=30) == 128 + 15
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    rows = _records(record)
+    assert len(rows) == 2
+    deadline = time.monotonic() + 5
+    while not all(_gone(pid) for _, pid, _ in rows) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(pid) for _, pid, _ in rows) and not any(p.parent.exists() for _, _, p in rows)
 
 
 # ---- real boots: Debian's 6.1 kernel under QEMU --------------------------------------------------

@@ -1,6 +1,7 @@
 """`python -m harness kernel ...`: another kernel under QEMU, by path or by name.
 
-    kernel [run] --kernel PATH|debian:VER[+NAME=VALUE...] [--modules DIR] [--cpus N] [--mem SIZE] -- <pytest args>
+    kernel [run] --kernel PATH|debian:VER[+NAME=VALUE...] [--modules DIR] [--cpus N] [--mem SIZE] [--shards N|auto]
+                 -- <pytest args>
     kernel fetch debian:7.3.4 [debian:6.12 ...] [--link NAME]
     kernel build-kvm debian:7.3.4 --config KVM_SW_PROTECTED_VM=y [--config NAME=VALUE ...] [--jobs N] [--rebuild]
     kernel list [--refresh] [--json]
@@ -68,8 +69,27 @@ def add_run_options(p: argparse.ArgumentParser, kernel_required: bool = True) ->
     p.add_argument("--pmem", default="auto", metavar="SIZE|auto|off",
                    help=f"two pmem devices of SIZE for the devdax/fsdax backings (auto: {runner.DEFAULT_PMEM} each "
                         "when the kernel's config has CONFIG_LIBNVDIMM with ACPI_NFIT or VIRTIO_PMEM; needs q35)")
+    p.add_argument("--shards", type=shards_arg, default=1, metavar="N|auto",
+                   help="run N guests side by side, each on every N-th case (pytest --shard I/N), and merge their "
+                        "answers and --junitxml/--ktap files: a TCG guest has one vCPU, one host core, so N guests "
+                        "use N cores; each takes --mem (N x --mem of host RAM). auto: host CPUs up to "
+                        f"{runner.MAX_AUTO_SHARDS} (as many as MemAvailable holds) under TCG, 1 under KVM "
+                        "(default %(default)s)")
     p.add_argument("--append", default="", help="extra kernel command line (e.g. oops=panic)")
     p.add_argument("--qemu", default=runner.QEMU, help="QEMU binary (default %(default)s)")
+
+
+def shards_arg(text: str) -> int:
+    """--shards: a count >= 1, or auto (0 in RunConfig: the runner decides once it knows the accelerator)."""
+    if text == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of guests >= 1, or auto") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 guest (or auto)")
+    return n
 
 
 def pytest_rest(argv: list[str]) -> list[str]:
@@ -86,7 +106,7 @@ def run_config(args: argparse.Namespace, kernel: Path, modules: Path | None, res
                             mem=args.mem, boot_timeout=args.boot_timeout, timeout=args.timeout,
                             boot_failure=_CODES[args.boot_failure], crash=_CODES[args.crash], accel=args.accel,
                             machine=args.machine, append=args.append, qemu=args.qemu, outdir=outdir,
-                            force=args.force, pmem=args.pmem)
+                            force=args.force, pmem=args.pmem, shards=args.shards)
 
 
 def resolve_kernel(spec: str, modules: Path | None = None, log=print) -> tuple[Path, Path | None]:

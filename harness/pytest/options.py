@@ -69,9 +69,13 @@ def add_options(parser: pytest.Parser) -> None:
                 help="parallel runs (-n): hugetlb pages the cases released stay in the pool until the run "
                      "ends and the next cases take them, already populated (harness.memory.hugepages; "
                      "default %(default)s)")
+    g.addoption("--shard", default=None, metavar="I/N",
+                help="run only every N-th collected case, starting with the I-th (1-based): one of N "
+                     "disjoint slices (harness.pytest.shard; the kernel runner's --shards gives each guest one)")
     r = parser.getgroup("kvm-harness races")
     r.addoption("--race-seconds", type=seconds_arg, default=None,
-                help="duration of each race case, seconds > 0 (default ~1 s)")
+                help="duration of each race case, seconds > 0, raced in full (default: each case races to its "
+                     "goal, at most 1 s: harness.race.plan.RaceGoal)")
     r.addoption("--race-seed", type=seed_arg, default=None,
                 help="seed for every race case, an integer >= 0 (default: random, printed)")
 
@@ -150,6 +154,23 @@ def memory_backings(config: pytest.Config) -> set[str] | None:
         raise pytest.UsageError(f"--memory-backings: unknown kinds {sorted(unknown)} "
                                 f"(known: {', '.join(memory.KINDS)})")
     return keep
+
+
+def shard(config: pytest.Config) -> tuple[int, int] | None:
+    """--shard I/N as (I, N) with 1 <= I <= N, None without it; anything else is a usage error."""
+    text = config.getoption("--shard")
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    try:
+        i_, n_ = int(i), int(n)
+    except ValueError:
+        sep = ""
+    if not sep:
+        raise pytest.UsageError(f"--shard {text!r}: expected I/N, shard I of N counting from 1 (e.g. 1/2)")
+    if not 1 <= i_ <= n_:
+        raise pytest.UsageError(f"--shard {text!r}: I must be 1..N (shards count from 1)")
+    return i_, n_
 
 
 def race_seconds_given(config: pytest.Config) -> float | None:

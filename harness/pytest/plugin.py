@@ -25,7 +25,7 @@ from harness.pytest.ktap import KtapReporter, redirect_terminal_to_stderr
 from harness.x86.modes import Mode
 
 # health before fixtures: the per-test bound runs inside the health window (fixtures.py says why)
-pytest_plugins = ["harness.pytest.core", "harness.pytest.health", "harness.pytest.fixtures"]
+pytest_plugins = ["harness.pytest.core", "harness.pytest.health", "harness.pytest.fixtures", "harness.pytest.shard"]
 
 
 @pytest.hookimpl(trylast=True)  # after the terminal reporter exists (--ktap to stdout moves it)

@@ -54,7 +54,7 @@ def _print_profile(prof, top: int) -> None:
 
     st = pstats.Stats(prof, stream=sys.stdout)
     for key in ("tottime", "cumulative"):
-        print(f"kernel-runner(guest): profile, top {top} by {key}:", flush=True)
+        print(f"guest profile: top {top} by {key}:", flush=True)
         st.sort_stats(key).print_stats(top)
     sys.stdout.flush()
 

@@ -13,6 +13,12 @@ to the host and streamed live; sentinel lines carrying a per-run nonce say how f
 
 Every run is bounded (boot timeout, overall timeout), QEMU is killed by its pid in a finally, and the
 temporary directory (initramfs, extracted vmlinux, the pmem devices' backing files) is removed.
+
+Shards (RunConfig.shards > 1): N guests side by side, each with one TCG vCPU (so N host cores), its
+own QEMU, initramfs, nonce and pmem files, guest I running the pytest args with `--shard I/N`
+(harness/pytest/shard.py). Each console streams with an `[I/N] ` prefix per line; the answers combine
+as `combine` says; result files named in the args (--junitxml, --ktap) are written per shard as
+PATH.shardI and merged into PATH afterwards (harness/report/merge.py).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -39,6 +45,7 @@ from typing import TextIO
 from harness import backends as backend
 from harness.qemu import image, initramfs
 from harness.qemu.modules import ModuleError, ModuleTree
+from harness.report import merge
 
 GOOD, BAD, SKIP = 0, 1, 125
 CONFIG_ENV = "KVM_HARNESS_KERNEL_CONFIG"  # set in the guest: the booted image's .config (known issues read it)
@@ -51,6 +58,10 @@ _MEM = re.compile(r"^\d+[MGT]?$", re.IGNORECASE)
 PMEM_ENV = "KVM_HARNESS_PMEM"  # set in the guest when the runner gave it pmem: "scratch" (harness/memory/dax.py)
 DEFAULT_PMEM = "256M"  # each of the two pmem devices --pmem auto gives a kernel with the drivers
 PMEM_DEVICES = 2  # one stays fsdax (/dev/pmem0, ext4 -o dax), the guest turns the other into devdax
+MAX_AUTO_SHARDS = 4  # --shards auto: at most this many guests (each one host core and --mem of RAM)
+# harness/pytest/shard.py's line: what a shard got (0 of M > 0: fewer cases than shards, not a bad selection)
+_SHARD_LINE = re.compile(r"shard (\d+)/(\d+): runs (\d+) of (\d+) collected cases")
+_RESULT_OPTS = {"--junitxml": "junit", "--junit-xml": "junit", "--ktap": "ktap"}  # files merged after shards
 
 
 @dataclass
@@ -70,6 +81,7 @@ class RunConfig:
     append: str = ""
     outdir: Path | None = None  # a host folder the guest may write (mounted read-write at the same path)
     force: bool = False  # run settings known to be unreliable (more than one vCPU under TCG) anyway
+    shards: int = 1  # guests side by side, each running every N-th case (--shard I/N); 0: auto (auto_shards)
     qemu: str = QEMU
     python: str = sys.executable
     cwd: str = str(REPO)
@@ -86,6 +98,8 @@ class RunResult:
     total_seconds: float = 0.0
     console_tail: list[str] = field(default_factory=list)
     qemu_stderr: str = ""
+    shard_cases: tuple[int, int] | None = None  # a shard's "runs K of M collected cases", as (K, M)
+    shards: list[RunResult] = field(default_factory=list)  # a sharded run: each shard's own result
 
 
 # ---- pure logic (unit-tested) ----------------------------------------------------------------------
@@ -176,6 +190,122 @@ def unreliable(accel: str, cpus: int) -> str | None:
         return (f"{cpus} vCPUs under TCG: guests died of an int3 Oops in __schedule within 70 s (Debian 7.3.4) "
                 "and lost wakeups until the timeout (6.1), which would blame the kernel for the emulator")
     return None
+
+
+def host_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return os.cpu_count() or 1
+
+
+def mem_available_mib() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            m = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) >> 10 if m else None
+
+
+def auto_shards(accel: str, cpus: int, mem: str, avail_mib: int | None) -> int:
+    """--shards auto: under TCG one guest per host CPU (each guest's one vCPU is one host thread), at
+    most MAX_AUTO_SHARDS and as many as MemAvailable holds guests of `mem`; under KVM 1 (its guest's
+    vCPUs are host threads already)."""
+    if accel != "tcg":
+        return 1
+    n = min(cpus, MAX_AUTO_SHARDS)
+    if avail_mib is not None:
+        n = min(n, avail_mib // _mib(mem))
+    return max(1, n)
+
+
+def shard_args(args: Sequence[str], i: int, n: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Shard i's pytest args: `--shard i/n` in front, and every result file the args name (--junitxml,
+    --junit-xml, --ktap; `=PATH` or ` PATH`) as PATH.shardI; with the (kind, PATH) pairs to merge. `--ktap`
+    alone or `--ktap -` is stdout (that console's own KTAP): nothing to merge."""
+    out: list[str] = []
+    files: list[tuple[str, str]] = []
+    k = 0
+    while k < len(args):
+        a = args[k]
+        if a == "--":  # the rest is positional
+            out += args[k:]
+            break
+        name, eq, val = a.partition("=")
+        kind = _RESULT_OPTS.get(name)
+        if kind is None:
+            out.append(a)
+        elif eq:
+            if val in ("", "-"):
+                out.append(a)
+            else:
+                files.append((kind, val))
+                out.append(f"{name}={val}.shard{i}")
+        else:
+            nxt = args[k + 1] if k + 1 < len(args) else None
+            # --junitxml takes the next word whatever it is; --ktap (nargs="?") one that is no option
+            if nxt is not None and nxt != "-" and (kind == "junit" or not nxt.startswith("-")):
+                files.append((kind, nxt))
+                out += [a, f"{nxt}.shard{i}"]
+                k += 2
+                continue
+            out.append(a)
+        k += 1
+    return ["--shard", f"{i}/{n}", *out], list(dict.fromkeys(files))
+
+
+def _empty_shard(r: RunResult) -> bool:
+    """A shard that got no case (fewer cases than shards): pytest says "no tests ran" (128), but the
+    selection is not wrong: another shard ran its cases."""
+    return r.code == ABORT and r.shard_cases is not None and r.shard_cases[0] == 0 and r.shard_cases[1] > 0
+
+
+def _rank(r: RunResult) -> int:
+    """Which shard's answer wins, lowest first (combine)."""
+    if r.code == ABORT:
+        return 0
+    if r.outcome == "setup":
+        return 1
+    if r.code == BAD:
+        return 2
+    if r.code == GOOD:
+        return 5
+    if r.outcome == "verdict":  # the harness inside said cannot test: its cases all skipped (or no /dev/kvm)
+        return 4
+    return 3  # cannot test from outside: timeout, boot failure (skip), harness died, killed, stopped
+
+
+def combine(results: Sequence[RunResult]) -> RunResult:
+    """One answer from the shards' (in shard order), in the same bisect codes: any 128 -> 128 (the
+    selection is wrong; a shard that merely got no case does not count); else a shard that could not
+    start -> 125; else any 1 (a case failed, or --crash bad) -> 1; else any 125 from outside the
+    cases (timeout, boot failure, the harness died, killed) -> 125; else 0 if some shard passed, and
+    125 only if every shard's cases skipped: what one guest running them all would have answered
+    (a shard whose few cases all skipped beside one that passed is a run with skips and a pass).
+    The reason names the deciding shard first, then what each other shard said."""
+    n = len(results)
+    live = [(i, r) for i, r in enumerate(results, 1) if not _empty_shard(r)]
+    if not live:
+        return RunResult(ABORT, "verdict", "no shard had a case to run", shards=list(results))
+    best = min(_rank(r) for _, r in live)
+    if best == 4 and any(_rank(r) == 5 for _, r in live):
+        best = 5
+    # among the shards that say it, one that did not reach a verdict shows best why (its console)
+    cands = [(i, r) for i, r in live if _rank(r) == best]
+    i, d = next(((i, r) for i, r in cands if r.outcome != "verdict"), cands[0])
+    code = {0: ABORT, 1: SKIP, 2: BAD, 3: SKIP, 4: SKIP, 5: GOOD}[best]
+    outcome = d.outcome if best <= 3 else "verdict"
+
+    def said(j: int, r: RunResult) -> str:
+        if _empty_shard(r):
+            return f"shard {j}/{n}: none of the {r.shard_cases[1] if r.shard_cases else 0} collected cases fell to it"
+        return f"shard {j}/{n}: {r.reason}" + ("" if r.outcome == "verdict" else f" [{r.outcome}]")
+
+    reason = "; ".join([said(i, d)] + [said(j, r) for j, r in enumerate(results, 1) if j != i])
+    boots = [r.boot_seconds for r in results if r.boot_seconds is not None]
+    return RunResult(code, outcome, reason, max(boots) if boots else None, max(r.total_seconds for r in results),
+                     d.console_tail, d.qemu_stderr, shards=list(results))
 
 
 def kernel_config(kernel: Path) -> dict[str, str]:
@@ -441,6 +571,8 @@ def run(cfg: RunConfig, out: TextIO | None = None) -> RunResult:
     busybox = initramfs.find_busybox()
     if not busybox:
         return RunResult(SKIP, "setup", "no busybox (apt-get install busybox-static)")
+    if cfg.shards < 0:
+        return RunResult(SKIP, "setup", f"--shards {cfg.shards}: at least 1 (0: auto)")
     mods_dir = cfg.modules or default_modules_dir(cfg.kernel)
     with _terminate_as_exit():
         res = _run_in(cfg, out, mods_dir, busybox, t0)
@@ -448,50 +580,107 @@ def run(cfg: RunConfig, out: TextIO | None = None) -> RunResult:
     return res
 
 
+@dataclass
+class _Prepared:
+    """What every guest of one run shares (the kernel, its modules, the accelerator, the command line)."""
+
+    img: image.KernelImage
+    modules: ModuleTree | None
+    mods_dir: Path | None
+    busybox: str
+    env: dict[str, str]
+    accel: str
+    accel_why: str
+    config: dict[str, str]
+    pmem_kind: str | None
+    pmem_why: str
+    cpus: int
+    cmdline: str
+    phys_bits: int | None
+
+
+@dataclass
+class _Guest:
+    """One guest: its QEMU command and nonce (its initramfs and pmem files are in its own folder)."""
+
+    cmd: list[str]
+    nonce: str
+    loads: dict[str, list[str]]
+    machine: str
+    pmem: Pmem | None
+
+
+def _prepare(cfg: RunConfig, out: TextIO, tmp: Path, mods_dir: Path | None, busybox: str) -> _Prepared | RunResult:
+    img = _prepare_kernel(cfg, tmp, out)
+    modules = ModuleTree.scan(mods_dir) if mods_dir else None
+    env = {k: v for k, v in os.environ.items() if k.startswith("KVM_HARNESS_")}
+    accel, why = choose_accel(cfg.accel, nested_available() if cfg.accel == "auto" else None)
+    # known issues of the emulator (environment = "tcg" in known-issues.toml) apply only there
+    env[ACCEL_ENV] = accel
+    # the guest has no /proc/config.gz nor /boot/config-VER of its own: config-keyed known issues
+    # read the image's config through the shared root
+    cpath = kernel_config_path(cfg.kernel)
+    if cpath is not None:
+        env[CONFIG_ENV] = str(cpath.resolve())
+    env.pop(PMEM_ENV, None)
+    config = kernel_config(cfg.kernel)
+    pmem_kind, pmem_why = choose_pmem(cfg.pmem, config, cfg.machine)
+    if cfg.outdir is not None:
+        cfg.outdir.mkdir(parents=True, exist_ok=True)
+    cpus = cfg.cpus or default_cpus(accel)
+    why_not = unreliable(accel, cpus)
+    if why_not and not cfg.force:
+        return RunResult(SKIP, "setup", f"refused: {why_not} (--force runs it anyway)")
+    if why_not:
+        _say(out, f"warning: {why_not}; running anyway (--force)")
+    return _Prepared(img, modules, mods_dir, busybox, env, accel, why, config, pmem_kind, pmem_why, cpus,
+                     kernel_cmdline(accel, cfg.append, host_tsc_khz()), host_phys_bits())
+
+
+def _make_guest(cfg: RunConfig, prep: _Prepared, gdir: Path, pytest_args: list[str]) -> _Guest:
+    """The guest's initramfs (its own nonce) and pmem files in gdir, and its QEMU command."""
+    gdir.mkdir(parents=True, exist_ok=True)
+    nonce = secrets.token_hex(8)
+    env = dict(prep.env)
+    pmem = (make_pmem(prep.pmem_kind, DEFAULT_PMEM if cfg.pmem == "auto" else cfg.pmem, gdir)
+            if prep.pmem_kind else None)
+    if pmem is not None:
+        env[PMEM_ENV] = "scratch"  # the guest may format and reconfigure every pmem namespace it has
+    spec = initramfs.GuestSpec(pytest_args, cfg.cwd, cfg.python, nonce, env,
+                               str(cfg.outdir.resolve()) if cfg.outdir else "")
+    loads = initramfs.build(gdir / "initramfs.cpio", spec, prep.modules, prep.busybox)
+    machine = choose_machine(cfg.machine, prep.config, pmem)
+    cmd = qemu_command(qemu=cfg.qemu, accel=prep.accel, machine=machine, kernel=prep.img.path,
+                       initrd=gdir / "initramfs.cpio", cpus=prep.cpus, mem=cfg.mem, cmdline=prep.cmdline,
+                       phys_bits=prep.phys_bits, outdir=cfg.outdir.resolve() if cfg.outdir else None, pmem=pmem)
+    return _Guest(cmd, nonce, loads, machine, pmem)
+
+
+def _say_guest(cfg: RunConfig, prep: _Prepared, g: _Guest, out: TextIO, shards: int = 1) -> None:
+    _say(out, f"modules from {prep.mods_dir or '(none: all built in?)'}: "
+              f"{' '.join(g.loads['base']) or '-'} | amd: {' '.join(g.loads['amd']) or '-'} "
+              f"| intel: {' '.join(g.loads['intel']) or '-'}")
+    each = f"{shards} guests side by side, each: " if shards > 1 else ""
+    _say(out, f"accel {prep.accel} ({prep.accel_why}), {each}machine {g.machine}, {prep.cpus} cpus, {cfg.mem}, "
+              f"pmem {g.pmem.describe() if g.pmem else 'none'} ({prep.pmem_why}); "
+              f"boot timeout {cfg.boot_timeout:g} s, overall {cfg.timeout:g} s")
+
+
 def _run_in(cfg: RunConfig, out: TextIO, mods_dir: Path | None, busybox: str, t0: float) -> RunResult:
     tmp = Path(tempfile.mkdtemp(prefix="kvm-harness-kernel-"))
     try:
-        img = _prepare_kernel(cfg, tmp, out)
-        modules = ModuleTree.scan(mods_dir) if mods_dir else None
-        nonce = secrets.token_hex(8)
-        env = {k: v for k, v in os.environ.items() if k.startswith("KVM_HARNESS_")}
-        accel, why = choose_accel(cfg.accel, nested_available() if cfg.accel == "auto" else None)
-        # known issues of the emulator (environment = "tcg" in known-issues.toml) apply only there
-        env[ACCEL_ENV] = accel
-        # the guest has no /proc/config.gz nor /boot/config-VER of its own: config-keyed known issues
-        # read the image's config through the shared root
-        cpath = kernel_config_path(cfg.kernel)
-        if cpath is not None:
-            env[CONFIG_ENV] = str(cpath.resolve())
-        config = kernel_config(cfg.kernel)
-        pmem_kind, pmem_why = choose_pmem(cfg.pmem, config, cfg.machine)
-        pmem = make_pmem(pmem_kind, DEFAULT_PMEM if cfg.pmem == "auto" else cfg.pmem, tmp) if pmem_kind else None
-        env.pop(PMEM_ENV, None)
-        if pmem is not None:
-            env[PMEM_ENV] = "scratch"  # the guest may format and reconfigure every pmem namespace it has
-        if cfg.outdir is not None:
-            cfg.outdir.mkdir(parents=True, exist_ok=True)
-        spec = initramfs.GuestSpec(cfg.pytest_args, cfg.cwd, cfg.python, nonce, env,
-                                   str(cfg.outdir.resolve()) if cfg.outdir else "")
-        loads = initramfs.build(tmp / "initramfs.cpio", spec, modules, busybox)
-        _say(out, f"modules from {mods_dir or '(none: all built in?)'}: "
-                  f"{' '.join(loads['base']) or '-'} | amd: {' '.join(loads['amd']) or '-'} "
-                  f"| intel: {' '.join(loads['intel']) or '-'}")
-        machine = choose_machine(cfg.machine, config, pmem)
-        cpus = cfg.cpus or default_cpus(accel)
-        why_not = unreliable(accel, cpus)
-        if why_not and not cfg.force:
-            return RunResult(SKIP, "setup", f"refused: {why_not} (--force runs it anyway)")
-        if why_not:
-            _say(out, f"warning: {why_not}; running anyway (--force)")
-        cmd = qemu_command(qemu=cfg.qemu, accel=accel, machine=machine, kernel=img.path,
-                           initrd=tmp / "initramfs.cpio", cpus=cpus, mem=cfg.mem,
-                           cmdline=kernel_cmdline(accel, cfg.append, host_tsc_khz()), phys_bits=host_phys_bits(),
-                           outdir=cfg.outdir.resolve() if cfg.outdir else None, pmem=pmem)
-        _say(out, f"accel {accel} ({why}), machine {machine}, {cpus} cpus, {cfg.mem}, "
-                  f"pmem {pmem.describe() if pmem else 'none'} ({pmem_why}); "
-                  f"boot timeout {cfg.boot_timeout:g} s, overall {cfg.timeout:g} s")
-        res = _boot(cmd, nonce, cfg, out, t0)
+        prep = _prepare(cfg, out, tmp, mods_dir, busybox)
+        if isinstance(prep, RunResult):
+            return prep
+        n = cfg.shards or auto_shards(prep.accel, host_cpus(), cfg.mem, mem_available_mib())
+        if n > 1 and any(a == "--shard" or a.startswith("--shard=") for a in cfg.pytest_args):
+            return RunResult(ABORT, "setup", "--shard in the pytest args and --shards: the runner gives each guest "
+                                             "its --shard I/N itself")
+        if n > 1:
+            return _run_shards(cfg, prep, n, out, tmp, t0)
+        g = _make_guest(cfg, prep, tmp, cfg.pytest_args)
+        _say_guest(cfg, prep, g, out)
+        res = _boot(g.cmd, g.nonce, cfg, out, t0)
     except (OSError, ValueError, ModuleError) as e:
         res = RunResult(SKIP, "setup", f"cannot prepare the guest: {e}")
     finally:
@@ -499,15 +688,148 @@ def _run_in(cfg: RunConfig, out: TextIO, mods_dir: Path | None, busybox: str, t0
     return res
 
 
-def _boot(cmd: list[str], nonce: str, cfg: RunConfig, out: TextIO, t0: float) -> RunResult:
+def _run_shards(cfg: RunConfig, prep: _Prepared, n: int, out: TextIO, tmp: Path, t0: float) -> RunResult:
+    """N guests side by side, one thread each watching its console; this (the main) thread waits, and
+    on an exception (SIGTERM/SIGHUP as SystemExit, Ctrl-C) kills every QEMU before unwinding."""
+    files = shard_args(cfg.pytest_args, 1, n)[1]
+    for _, path in files:
+        for i in range(1, n + 1):  # a stale file of an earlier run must not be merged
+            _shard_file(cfg, path, i).unlink(missing_ok=True)
+    guests = []
+    for i in range(1, n + 1):
+        try:
+            guests.append(_make_guest(cfg, prep, tmp / f"shard{i}", shard_args(cfg.pytest_args, i, n)[0]))
+        except (OSError, ValueError, ModuleError) as e:
+            return RunResult(SKIP, "setup", f"cannot prepare the guest of shard {i}/{n}: {e}")
+    _say_guest(cfg, prep, guests[0], out, n)
+    _say(out, f"{n} shards: guest I runs the pytest args with --shard I/{n} (the cases I, I+{n}, I+{2 * n}, ... "
+              f"of the collection); its console lines start with [I/{n}]")
+    ctl = _Guests()
+    lock = threading.Lock()
+    results: list[RunResult | None] = [None] * n
+
+    def shard(k: int) -> None:
+        sout = _Prefixed(out, f"[{k + 1}/{n}] ", lock)
+        try:
+            results[k] = _boot(guests[k].cmd, guests[k].nonce, cfg, sout, t0, ctl)
+        except Exception as e:  # QEMU could not be started: the run cannot cover the selection
+            results[k] = RunResult(SKIP, "setup", f"QEMU did not start: {e}")
+            ctl.abort()
+        finally:
+            sout.close()
+
+    threads = [threading.Thread(target=shard, args=(k,), name=f"kernel-runner-shard-{k + 1}", daemon=True)
+               for k in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except BaseException:
+        ctl.abort()  # every QEMU of the run, by its pid
+        for t in threads:
+            t.join(20)
+        raise
+    done = [r if r is not None else RunResult(SKIP, "harness-died", "the shard's thread gave no result")
+            for r in results]
+    res = combine(done)
+    _merge_results(cfg, files, done, out)
+    return res
+
+
+def _shard_file(cfg: RunConfig, path: str, i: int) -> Path:
+    p = Path(path) if os.path.isabs(path) else Path(cfg.cwd) / path
+    return p.with_name(f"{p.name}.shard{i}")
+
+
+def _merge_results(cfg: RunConfig, files: list[tuple[str, str]], results: list[RunResult], out: TextIO) -> None:
+    """PATH from the shards' PATH.shardI (then removed); without any shard file, only say so."""
+    n = len(results)
+    for kind, path in files:
+        dest = Path(path) if os.path.isabs(path) else Path(cfg.cwd) / path
+        parts_paths = [_shard_file(cfg, path, i) for i in range(1, n + 1)]
+        if not any(p.exists() for p in parts_paths):
+            _say(out, f"no shard wrote {path}.shardI: nothing to merge (the guest writes only under the "
+                      f"results folder, RunConfig.outdir{': ' + str(cfg.outdir) if cfg.outdir else ', none given'})")
+            continue
+        parts = merge.read_parts(parts_paths, [f"shard {i}/{n}" for i in range(1, n + 1)],
+                                 [f"{r.outcome}: {r.reason}" for r in results])
+        try:
+            merge.write_atomically(dest, merge.merge_ktap(parts) if kind == "ktap" else merge.merge_junit(parts))
+        except Exception as e:  # the verdict stands; the shard files stay for a look
+            _say(out, f"could not merge {kind} into {dest}: {e!r}; the shard files stay")
+            continue
+        for p in parts_paths:
+            p.unlink(missing_ok=True)
+        _say(out, f"merged {kind} of {sum(1 for p in parts if p.text is not None)}/{n} shards into {dest}")
+
+
+class _Prefixed:
+    """A shard's console for the shared output: whole lines, each with the shard's prefix, written
+    under one lock so lines of different shards never mix."""
+
+    def __init__(self, out: TextIO, prefix: str, lock: threading.Lock) -> None:
+        self.out, self.prefix, self.lock = out, prefix, lock
+        self._buf = ""
+
+    def write(self, s: str) -> int:
+        *lines, self._buf = (self._buf + s).split("\n")
+        if lines:
+            with self.lock:
+                self.out.write("".join(f"{self.prefix}{ln}\n" for ln in lines))
+                self.out.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        pass  # whole lines only: a partial one waits for its end (or close)
+
+    def close(self) -> None:
+        if self._buf:
+            self.write("\n")
+
+
+class _Guests:
+    """The QEMU processes of a run: started only while the run goes on, all killed by abort()."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._procs: list[subprocess.Popen] = []
+
+    def start(self, cmd: list[str]) -> subprocess.Popen | None:
+        with self._lock:
+            if self.stop.is_set():
+                return None
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 preexec_fn=_die_with_parent)
+            self._procs.append(p)
+            return p
+
+    def abort(self) -> None:
+        """Stop the run: no QEMU starts any more, every one running is killed by its pid (the threads
+        watching them see `stop`, reap them and return)."""
+        with self._lock:
+            self.stop.set()
+            procs = list(self._procs)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _boot(cmd: list[str], nonce: str, cfg: RunConfig, out: TextIO, t0: float,
+          guests: _Guests | None = None) -> RunResult:
     tail: collections.deque[str] = collections.deque(maxlen=cfg.tail_lines)
     stderr_tail: collections.deque[str] = collections.deque(maxlen=cfg.tail_lines)
     progress = GuestProgress()
     boot_s: float | None = None
-    timed_out = False
+    timed_out = stopped = False
+    shard_cases: tuple[int, int] | None = None
     q: queue.Queue = queue.Queue()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_die_with_parent)
+    guests = guests or _Guests()
+    proc = guests.start(cmd)
+    if proc is None:
+        return RunResult(SKIP, "stopped", "not started: the run was stopped", total_seconds=time.monotonic() - t0)
     try:
         threads = [threading.Thread(target=_reader, args=(s, n, q), daemon=True)
                    for s, n in ((proc.stdout, "out"), (proc.stderr, "err"))]
@@ -523,6 +845,9 @@ def _boot(cmd: list[str], nonce: str, cfg: RunConfig, out: TextIO, t0: float) ->
             if done_at is None and (progress.result is not None or progress.exit_rc is not None):
                 done_at = now  # the answer is in: give the guest a moment to power off, then stop
             if done_at is not None and now - done_at > cfg.grace:
+                break
+            if guests.stop.is_set():  # the run is stopping (interrupted, or another shard could not start)
+                stopped = True
                 break
             if done_at is None and not progress.booted and now - start > cfg.boot_timeout:
                 timed_out = True
@@ -552,6 +877,8 @@ def _boot(cmd: list[str], nonce: str, cfg: RunConfig, out: TextIO, t0: float) ->
                 if s is None:
                     if line.startswith(("bisect:", "kernel-runner(guest):")):
                         last_word = line  # the guest's own summary, for the closing line
+                    elif shard_cases is None and (m := _SHARD_LINE.search(line)):
+                        shard_cases = int(m.group(3)), int(m.group(4))
                     continue
                 kind, num = s
                 if kind == "BOOTED" and not progress.booted:
@@ -568,15 +895,24 @@ def _boot(cmd: list[str], nonce: str, cfg: RunConfig, out: TextIO, t0: float) ->
                 (tail if name == "out" else stderr_tail).append(rest.rstrip("\r"))
     finally:
         qemu_rc = _stop(proc)
-    code, outcome, reason = verdict(progress, qemu_rc=qemu_rc, timed_out=timed_out, boot_failure=cfg.boot_failure,
-                                    crash=cfg.crash, killed=any("terminating on signal" in e for e in stderr_tail))
-    return RunResult(code, outcome, reason, boot_s, time.monotonic() - t0, list(tail), "\n".join(stderr_tail))
+    if stopped and progress.result is None:
+        code, outcome, reason = SKIP, "stopped", "stopped with the run (interrupted, or another shard could not start)"
+    else:
+        code, outcome, reason = verdict(progress, qemu_rc=qemu_rc, timed_out=timed_out, boot_failure=cfg.boot_failure,
+                                        crash=cfg.crash,
+                                        killed=any("terminating on signal" in e for e in stderr_tail))
+    return RunResult(code, outcome, reason, boot_s, time.monotonic() - t0, list(tail), "\n".join(stderr_tail),
+                     shard_cases)
+
+
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: no dlopen in a child forked beside threads
 
 
 def _die_with_parent() -> None:
-    """In QEMU's child before exec: SIGKILL it if we die without reaching our finally (SIGKILL, OOM)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    """In QEMU's child before exec: SIGKILL it if we die without reaching our finally (SIGKILL, OOM).
+    "We" is the thread that started it (PR_SET_PDEATHSIG follows the thread): a shard's thread stops
+    its QEMU before it returns."""
+    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @contextlib.contextmanager
@@ -630,6 +966,11 @@ def report(res: RunResult, out: TextIO) -> None:
             _say(out, "QEMU stderr:")
             for line in res.qemu_stderr.splitlines():
                 out.write(f"  ! {line}\n")
+    for i, r in enumerate(res.shards, 1):
+        cases = f", ran {r.shard_cases[0]} of {r.shard_cases[1]} cases" if r.shard_cases else ""
+        boot_i = f", boot {r.boot_seconds:.1f} s" if r.boot_seconds is not None else ""
+        _say(out, f"shard {i}/{len(res.shards)}: {r.outcome}, exit {r.code}{cases}{boot_i}, "
+                  f"{r.total_seconds:.1f} s")
     boot = f"boot {res.boot_seconds:.1f} s, " if res.boot_seconds is not None else ""
     _say(out, f"{res.reason} -> {word}, exit {res.code} ({boot}total {res.total_seconds:.1f} s)")
     out.flush()
