@@ -28,7 +28,8 @@ class _Tee:
     """Write the run's output to its log, and progress lines (pytest's percentages, the runner's
     own lines, the summary) to the terminal with the kernel's name in front."""
 
-    _PROGRESS = re.compile(r"\[\s*\d+%\]|^(\[\d+/\d+\] )?kernel-runner|^=+ .* =+$|passed|failed|^kernel fetch|^ERROR|Oops|panic")
+    _PROGRESS = re.compile(r"\[\s*\d+%\]|^(\[\d+/\d+\] )?kernel-runner|^=+ .* =+$|passed|failed|^kernel fetch"
+                           r"|^ERROR|Oops|panic")
 
     def __init__(self, log: TextIO, term: TextIO, name: str) -> None:
         self.log, self.term, self.name = log, term, name
