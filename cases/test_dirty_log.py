@@ -257,6 +257,7 @@ def ring_desync_message(ring: DirtyRing, sizes: list[int]) -> str:
 
 
 @pytest.mark.requires_cap(Cap.DIRTY_LOG_RING, 4096)
+@pytest.mark.shard_weight(45)  # ~30 s under TCG: fills the ring for RING_SECONDS
 def test_dirty_ring_never_overflows(make_writer, kernel_health, record_property):
     """A 256-entry ring (the minimum: one page; soft limit 192, 64 entries reserved) filled again
     and again: each time the vCPU exits with KVM_EXIT_DIRTY_RING_FULL, the host harvests + resets

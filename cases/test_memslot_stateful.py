@@ -195,6 +195,7 @@ class MemslotMachine(RuleBasedStateMachine):
 
 
 @pytest.mark.requires_cap(Cap.USER_MEMORY2)  # it mixes in KVM_SET_USER_MEMORY_REGION2 (6.8+)
+@pytest.mark.shard_weight(45)  # 30 examples x 30 steps: ~30 s under TCG
 def test_memslot_state_machine(kvm, backings):
     b = backings("shmem", BACKING_SIZE)
     host_fill(b.view(), 0x57A7E, 8)

@@ -364,6 +364,7 @@ def test_guest_memfd_of_another_vm_still_binds_its_own(ctx):
 # ~65k memslot ioctls, each waiting for an SRCU grace period: 6 s here, 135 s in the 7.3.4 runner
 # (TCG), where the default 60 s bound on the test stopped it half-way through (a bound, not a hang)
 @pytest.mark.kvm_timeout(600)
+@pytest.mark.shard_weight(120)  # (the bound above says why: 83-135 s under TCG)
 def test_every_slot_up_to_the_limit(kvm, memtouch):
     """Fill the VM with KVM_CAP_NR_MEMSLOTS slots (boot slot included), one 4 KiB page each; one
     more id is EINVAL, an overlapping one EEXIST; the guest reads the first, a middle and the last

@@ -60,6 +60,7 @@ def _verdict(output: str, prefix: str) -> str:
 
 
 @pytest.mark.parametrize("ki", [pytest.param(ki, id=ki.id) for ki in _with_reproducer()])
+@pytest.mark.shard_weight(15)  # builds and runs a C program: 8-30 s each under TCG
 def test_reproducer(ki, build_reproducer, record_property):
     """The reproducer named by the known issue reports the kernel correct (exit 0)."""
     src = _source(ki)

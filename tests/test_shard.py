@@ -57,6 +57,20 @@ def test_split_is_round_robin(i, n):
     assert keep == items[i - 1::n] and sorted(keep + drop) == items
 
 
+def test_heavy_cases_are_balanced_across_shards():
+    """Weights (shard_weight) steer the split: four heavy cases no longer land in one shard (the
+    first 2-shard run of debian:7.3.4 put all four in shard 1: 560 s against 435 s)."""
+    items = list(range(40))
+    heavy = {0: 120.0, 4: 45.0, 10: 45.0, 20: 15.0}
+    weights = [heavy.get(k, 1.0) for k in items]
+    one, two = (split(items, i, 2, weights)[0] for i in (1, 2))
+    assert sorted(one + two) == items and not set(one) & set(two)
+    loads = [sum(weights[k] for k in s) for s in (one, two)]
+    assert abs(loads[0] - loads[1]) <= 120.0 - (45 + 45 + 15) + 2, loads
+    assert 0 in one and {4, 10}.issubset(two), (one, two)  # the biggest alone, the next two on the other
+    assert split(items, 1, 2, [1.0] * 40)[0] == split(items, 1, 2)[0] == items[0::2]
+
+
 def test_two_shards_partition_the_collection(pytester):
     pytester.makepyfile(**CASES)
     whole, _ = _collect(pytester)
