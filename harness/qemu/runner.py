@@ -702,8 +702,8 @@ def _run_shards(cfg: RunConfig, prep: _Prepared, n: int, out: TextIO, tmp: Path,
         except (OSError, ValueError, ModuleError) as e:
             return RunResult(SKIP, "setup", f"cannot prepare the guest of shard {i}/{n}: {e}")
     _say_guest(cfg, prep, guests[0], out, n)
-    _say(out, f"{n} shards: guest I runs the pytest args with --shard I/{n} (the cases I, I+{n}, I+{2 * n}, ... "
-              f"of the collection); its console lines start with [I/{n}]")
+    _say(out, f"{n} shards: guest I runs the pytest args with --shard I/{n} (its share of the collection, dealt "
+              f"round-robin and balanced by shard_weight); its console lines start with [I/{n}]")
     ctl = _Guests()
     lock = threading.Lock()
     results: list[RunResult | None] = [None] * n
