@@ -115,46 +115,27 @@ def _c_cmd(kind: str, disruptor: str, mode: str):
     return argv
 
 
-RACE_PUNCH_SHMEM = register(Bench(
-    name="race_punch_shmem",
-    label="race: fallocate punch on shmem, host ops/s",
-    c_cmd=_c_cmd("shmem", "punch", "punch"),
-    c_rate_key="host_ops_per_s",
-    py=lambda n: harness_race("shmem", "punch", n),
-    count_option="race_ops",
-    default_count=20_000,
-    target=0.9,
-    secondary=("sweeps_per_s",),
-    unit="ops/s",
-    params={"pin": PIN},
-))
+def _pair(name: str, label: str, kind: str, disruptor: str, count_option: str = "race_ops",
+          default_count: int = 20_000) -> Bench:
+    """One race pair: the harness's race engine and race_disrupt.c making the same ops."""
+    return register(Bench(
+        name=name,
+        label=label,
+        c_cmd=_c_cmd(kind, disruptor, disruptor),
+        c_rate_key="host_ops_per_s",
+        py=lambda n: harness_race(kind, disruptor, n),
+        count_option=count_option,
+        default_count=default_count,
+        target=0.9,
+        secondary=("sweeps_per_s",),
+        unit="ops/s",
+        params={"pin": PIN},
+    ))
 
-RACE_REMAP_ANON = register(Bench(
-    name="race_remap_anon",
-    label="race: munmap+mmap on anon, host ops/s",
-    c_cmd=_c_cmd("anon", "remap", "remap"),
-    c_rate_key="host_ops_per_s",
-    py=lambda n: harness_race("anon", "remap", n),
-    count_option="race_ops",
-    default_count=20_000,
-    target=0.9,
-    secondary=("sweeps_per_s",),
-    unit="ops/s",
-    params={"pin": PIN},
-))
 
+RACE_PUNCH_SHMEM = _pair("race_punch_shmem", "race: fallocate punch on shmem, host ops/s", "shmem", "punch")
+RACE_REMAP_ANON = _pair("race_remap_anon", "race: munmap+mmap on anon, host ops/s", "anon", "remap")
 # Each flip is ~1 ms in the kernel with a running vCPU (every vCPU is kicked out of the guest for the
 # slot change), plus the seeded pause (0.28 ms on average): a few thousand per round.
-RACE_SLOT_READD_ANON = register(Bench(
-    name="race_slot_readd_anon",
-    label="race: memslot delete+re-add on anon, host ops/s",
-    c_cmd=_c_cmd("anon", "slot-readd", "slot-readd"),
-    c_rate_key="host_ops_per_s",
-    py=lambda n: harness_race("anon", "slot-readd", n),
-    count_option="slot_flips",
-    default_count=2_000,
-    target=0.9,
-    secondary=("sweeps_per_s",),
-    unit="ops/s",
-    params={"pin": PIN},
-))
+RACE_SLOT_READD_ANON = _pair("race_slot_readd_anon", "race: memslot delete+re-add on anon, host ops/s", "anon",
+                             "slot-readd", count_option="slot_flips", default_count=2_000)
