@@ -359,8 +359,9 @@ def test_a_subclass_that_changes_an_op_runs_in_python():
             _close(mem, backing, vm)
 
 
-def test_c_loop_races_the_real_kvm(kvm):
-    """punch on shmem through the C loop against a real guest: every oracle of the case holds."""
+def _race_through_c(kvm: Any, spec: RaceSpec) -> Any:
+    """Run one race on the real /dev/kvm; its first disruptor must have taken the C loop, and every
+    oracle must hold. Returns the report."""
     made: list[Any] = []
 
     def make(kind: str, size: int, vm: Any) -> Any:
@@ -368,7 +369,7 @@ def test_c_loop_races_the_real_kvm(kvm):
         made.append(b)
         return b
 
-    race = Race(kvm, RaceSpec("shmem", ("punch",), vcpus=2, seconds=0.5, seed=11, label="fast-kvm"), make)
+    race = Race(kvm, spec, make)
     try:
         rep = race.run()
         assert race.disruptors[0].ran_fast
@@ -377,6 +378,12 @@ def test_c_loop_races_the_real_kvm(kvm):
         for b in made:
             b.close()
     assert not rep.failures(), "\n".join(rep.failures())
+    return rep
+
+
+def test_c_loop_races_the_real_kvm(kvm):
+    """punch on shmem through the C loop against a real guest: every oracle of the case holds."""
+    rep = _race_through_c(kvm, RaceSpec("shmem", ("punch",), vcpus=2, seconds=0.5, seed=11, label="fast-kvm"))
     assert rep.total_ops > 0 and rep.overlapped_ops > 0 and rep.generations == rep.total_ops + 1  # + the preflight op
 
 
@@ -593,7 +600,6 @@ def test_slot_move_c_loop_races_the_real_kvm(kvm, monkeypatch):
     """slot-move through the C loop against a real guest: the oracles hold, and when the loop
     returns (an odd number of moves after the preflight's: back at GPA_A) the binding's slot table
     says where KVM has the slot."""
-    made: list[Any] = []
     at_return: list[Any] = []
 
     class Recorded(SlotMove):
@@ -602,22 +608,9 @@ def test_slot_move_c_loop_races_the_real_kvm(kvm, monkeypatch):
             at_return.append((self.mem.gpa_now, vm.memslots[SLOT].gpa, _kernel_slot_gpas(vm, self.mem.size)))
             super().finish()
 
-    def make(kind: str, size: int, vm: Any) -> Any:
-        b = memory.create(kind, size, vm=vm)
-        made.append(b)
-        return b
-
     monkeypatch.setitem(DISRUPTORS, "slot-move", Recorded)
-    race = Race(kvm, RaceSpec("anon", ("slot-move",), vcpus=2, seconds=5.0, max_ops=41, seed=11, label="fast-kvm"),
-                make)
-    try:
-        rep = race.run()
-        assert race.disruptors[0].ran_fast
-    finally:
-        race.close()
-        for b in made:
-            b.close()
-    assert not rep.failures(), "\n".join(rep.failures())
+    rep = _race_through_c(kvm, RaceSpec("anon", ("slot-move",), vcpus=2, seconds=5.0, max_ops=41, seed=11,
+                                        label="fast-kvm"))
     assert rep.total_ops == 41 and rep.overlapped_ops > 0
     assert at_return == [(GPA_A, GPA_A, [GPA_A])]
 
