@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -423,6 +424,18 @@ def test_shard_args_rewrite_result_files_and_add_the_shard():
     assert out == ["--shard", "1/2", "x.py", "--", "--ktap=k"] and files == []
 
 
+def test_result_files_give_the_folder_the_guest_writes_back(tmp_path):
+    """Without RunConfig.outdir a guest wrote --junitxml into its own tmpfs, lost at power-off: the
+    folder of the result files the args name is shared read-write (one folder per guest)."""
+    assert runner.result_outdir(["cases/", "-q"], tmp_path) is None
+    assert runner.result_outdir(["--junitxml=/o/j.xml", "--ktap", "/o/k.txt"], tmp_path) == Path("/o")
+    assert runner.result_outdir(["--ktap=r/k.txt", "--junit-xml", "r/j.xml"], tmp_path) == tmp_path / "r"
+    with pytest.raises(ValueError, match=r"in 2 folders .*same folder"):
+        runner.result_outdir(["--junitxml=/o/j.xml", "--ktap=/p/k.txt"], tmp_path)
+    res = runner.run(runner.RunConfig(kernel=tmp_path / "none", pytest_args=["--junitxml=/o/j", "--ktap=/p/k"]))
+    assert (res.code, res.outcome) == (runner.ABORT, "setup") and "same folder" in res.reason
+
+
 def _r(code, outcome="verdict", reason="", boot=None, total=1.0, cases=None):
     return runner.RunResult(code, outcome, reason or f"said {code}", boot, total, [f"tail {code}"], "",
                             shard_cases=cases)
@@ -777,10 +790,23 @@ def test_guest_is_told_how_its_cpu_is_provided(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(runner, "_boot", lambda cmd, nonce, cfg, out, t0: runner.RunResult(GOOD, "verdict", "ok"))
     monkeypatch.setattr(runner.initramfs, "build", lambda dest, spec, modules, busybox: (
-        seen.setdefault("env", spec.env), {"base": [], "amd": [], "intel": []})[1])
+        seen.update(env=spec.env, spec=spec), {"base": [], "amd": [], "intel": []})[1])
     monkeypatch.setattr(runner, "_prepare_kernel", lambda cfg, tmp, out: image.identify(cfg.kernel))
     k = tmp_path / "vmlinux"
     k.write_bytes(b"\x7fELF" + b"\0" * 4096)
     cfg = RunConfig(kernel=k, pytest_args=["x"], accel="tcg")
     runner._run_in(cfg, io.StringIO(), None, "/bin/true", 0.0)
     assert seen["env"][runner.ACCEL_ENV] == "tcg"
+    assert seen["spec"].pause_khugepaged  # under TCG only (an emulator artefact: initramfs.GuestSpec)
+    runner._run_in(replace(cfg, accel="kvm"), io.StringIO(), None, "/bin/true", 0.0)
+    assert seen["env"][runner.ACCEL_ENV] == "kvm" and not seen["spec"].pause_khugepaged
+
+
+def test_init_pauses_khugepaged_only_when_asked():
+    from harness.qemu.initramfs import KHUGEPAGED_SLEEP, GuestSpec, render_init
+
+    tcg = render_init(GuestSpec(["x"], "/w", "/py", "n", pause_khugepaged=True), [], [], [])
+    line = next(ln for ln in tcg.splitlines() if KHUGEPAGED_SLEEP in ln)
+    assert line.startswith(f"if echo 3600000 2>&1 > {KHUGEPAGED_SLEEP}; then")
+    assert tcg.index(line) < tcg.index("harness.qemu.guest")  # before the cases start
+    assert KHUGEPAGED_SLEEP not in render_init(GuestSpec(["x"], "/w", "/py", "n"), [], [], [])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.matrix.cells import from_junit, ktap_header
+from harness.pytest import durations
 from harness.pytest.shard import split
 from harness.report import merge
 from harness.report.ktap import KtapResult, KtapWriter
@@ -69,6 +70,76 @@ def test_heavy_cases_are_balanced_across_shards():
     assert abs(loads[0] - loads[1]) <= 120.0 - (45 + 45 + 15) + 2, loads
     assert 0 in one and {4, 10}.issubset(two), (one, two)  # the biggest alone, the next two on the other
     assert split(items, 1, 2, [1.0] * 40)[0] == split(items, 1, 2)[0] == items[0::2]
+
+
+def test_heaviest_first_evens_out_what_order_alone_cannot():
+    """In collection order a late heavy case lands on whichever shard is lighter by then; dealt
+    heaviest first the loads differ by at most the lightest case."""
+    weights = [1.0] * 30 + [40.0, 40.0, 30.0, 30.0, 20.0]
+    items = list(range(len(weights)))
+    one, two = (split(items, i, 2, weights)[0] for i in (1, 2))
+    assert one == sorted(one) and two == sorted(two)  # each shard keeps the collection order
+    loads = sorted(sum(weights[k] for k in s) for s in (one, two))
+    assert loads == [95.0, 95.0], (one, two)
+    assert {30, 32, 34} <= set(one) and {31, 33} <= set(two)  # 40+30+20 and 40+30+20 ones
+    # (dealt in collection order the ones split 15/15 first, and the 20 s case tips it: 105 s vs 85 s)
+
+
+def _record(tmp_path: Path, cases: str) -> durations.Durations:
+    (tmp_path / "j.xml").write_text(_junit(cases, 0, 0, 0, 0.0))
+    out = tmp_path / "d.json"
+    assert durations.main([str(tmp_path / "j.xml"), "-o", str(out), "--source", "debian:7.3.4 tcg"]) == 0
+    d = durations.load(out)
+    assert d is not None
+    return d
+
+
+def test_durations_recorded_from_junit(tmp_path):
+    cases = "".join(f'<testcase classname="cases.test_a" name="test_p[{k}]" time="{t}" />'
+                    for k, t in enumerate([0.2, 0.4, 0.3, 137.12, 2.5]))
+    d = _record(tmp_path, cases)
+    assert d.default == 0.3 and d.source == "debian:7.3.4 tcg"  # the mean of the three below 0.5 s
+    assert dict(d.seconds) == {"cases/test_a.py::test_p[3]": 137.12, "cases/test_a.py::test_p[4]": 2.5}
+    assert d.of("cases/test_a.py::test_p[0]") is None and durations.load(tmp_path / "none.json") is None
+
+
+def test_malformed_durations_file_is_named(tmp_path):
+    (tmp_path / "d.json").write_text('{"seconds": []}')
+    with pytest.raises(ValueError, match=r"d\.json: not a durations file .*re-record it"):
+        durations.load(tmp_path / "d.json")
+
+
+SLOW = {"test_a": """
+import pytest
+
+@pytest.mark.parametrize("x", range(6))
+def test_p(x):
+    pass
+
+@pytest.mark.shard_weight(3)
+def test_marked():
+    pass
+"""}
+
+
+def test_measured_durations_steer_the_split(pytester):
+    """test_p[0] measured at 10 s takes a shard alone; the mark counts n x the file's default."""
+    pytester.makepyfile(**SLOW)
+    whole, _ = _collect(pytester)
+    assert len(whole) == 7
+    one, _ = _collect(pytester, "--shard", "1/2")
+    # no file: weight 1 each, the mark's 3 first (shard 1); shard 2 catches up with three
+    assert one == ["test_a.py::test_p[3]", "test_a.py::test_p[5]", "test_a.py::test_marked"]
+    (pytester.path / "cases").mkdir()
+    (pytester.path / "cases" / "durations.json").write_text(
+        '{"default": 0.5, "seconds": {"test_a.py::test_p[0]": 10.0}}')
+    one, res = _collect(pytester, "--shard", "1/2")
+    two, _ = _collect(pytester, "--shard", "2/2")
+    assert one == ["test_a.py::test_p[0]"], res.stdout.str()
+    assert two == whole[1:] and "balanced by measured durations" in res.stdout.str()
+    (pytester.path / "cases" / "durations.json").write_text("{}")
+    _, res = _collect(pytester, "--shard", "1/2")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR and "durations.json: not a durations file" in res.stderr.str()
 
 
 def test_two_shards_partition_the_collection(pytester):
@@ -230,3 +301,14 @@ def test_read_parts(tmp_path):
     assert [(p.label, p.text, p.why) for p in parts] == [("s1", "x", ""), ("s2", None, "why")]
     merge.write_atomically(Path(tmp_path / "c"), "data")
     assert (tmp_path / "c").read_text() == "data" and not list(tmp_path.glob("*.merging"))
+
+
+def test_the_committed_durations_file_loads_and_names_real_cases():
+    """cases/durations.json is what --shard balances on: it loads, and what it names are case ids of
+    the suite's files (a renamed file leaves entries that weigh nothing: re-record then)."""
+    root = Path(__file__).resolve().parents[1]
+    d = durations.load(root / durations.DEFAULT_FILE)
+    assert d is not None and 0 < d.default < durations.THRESHOLD
+    assert d.seconds and all(v >= durations.THRESHOLD for v in d.seconds.values())
+    files = {case.split("::")[0] for case in d.seconds}
+    assert all((root / f).is_file() for f in files), files

@@ -37,7 +37,8 @@ MARKERS = (
     "kmsg_exclusive: the case is expected to splat: it runs with no other case beside it, so the kernel "
     "log's records are pinned to it (set automatically for cases a known issue with a `kmsg` pattern names)",
     "race_soak: a long race, collected only with --race-seconds",
-    "shard_weight(n): the case costs about n ordinary cases (under TCG); --shard balances the slices on it",
+    "shard_weight(n): until cases/durations.json names it, the case costs about n ordinary cases under TCG "
+    "(--shard balances the slices on the measured durations)",
 )
 
 

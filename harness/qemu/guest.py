@@ -29,11 +29,13 @@ def main(argv: list[str]) -> int:
         import cProfile
 
         prof = cProfile.Profile()
+    _uptime("python started")
     try:
+        if prof is not None:
+            prof.enable()  # the imports too: under TCG they take seconds
         from harness.cli import bisect
 
-        if prof is not None:
-            prof.enable()
+        _uptime("harness imported")
         try:
             code = bisect.main(spec["pytest_args"])
         finally:
@@ -47,6 +49,16 @@ def main(argv: list[str]) -> int:
     sys.stdout.flush()
     print(f"@@KH-RESULT {spec['nonce']} {code}@@", flush=True)
     return code
+
+
+def _uptime(what: str) -> None:
+    """The guest's clock at a step of its start (a TCG guest's time before the first case)."""
+    try:
+        with open("/proc/uptime") as f:
+            up = f.read().split()[0]
+    except OSError:
+        return
+    print(f"kernel-runner(guest): {what} (uptime {up})", flush=True)
 
 
 def _print_profile(prof, top: int) -> None:

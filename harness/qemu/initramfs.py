@@ -49,7 +49,10 @@ mount -t devtmpfs devtmpfs /dev
 echo "@@KH-BOOTED {nonce}@@ uptime $(cut -d' ' -f1 /proc/uptime)"
 say() {{ echo "kernel-runner(guest): $*"; }}
 # reboot -f: QEMU runs with -no-reboot, so the reset ends it; the host has the exit code by then
-finish() {{ echo "@@KH-EXIT {nonce} $1@@"; sync; reboot -f; sleep 30; }}
+finish() {{
+    echo "kernel-runner(guest): done (uptime $(cut -d' ' -f1 /proc/uptime))"
+    echo "@@KH-EXIT {nonce} $1@@"; sync; reboot -f; sleep 30
+}}
 load() {{
     for m in "$@"; do
         [ -e /sys/module/$m ] && continue
@@ -59,6 +62,7 @@ load() {{
         [ -n "$p" ] && say "insmod $m $p"
     done
 }}
+echo "kernel-runner(guest): loading modules (uptime $(cut -d' ' -f1 /proc/uptime))"
 load {base}
 if grep -qw svm /proc/cpuinfo; then load {amd}
 elif grep -qw vmx /proc/cpuinfo; then load {intel}
@@ -96,9 +100,10 @@ if [ -n "$OUT" ]; then
         || say "cannot mount the results folder $OUT: results stay in the guest"
 fi
 cp /kh/args.json $R/tmp/kh/args.json
+{khugepaged}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TERM=dumb LANG=C.UTF-8
 kvm=MISSING; [ -e $R/dev/kvm ] && kvm=present
-echo "kernel-runner(guest): $(uname -r), /dev/kvm $kvm, running the cases"
+echo "kernel-runner(guest): $(uname -r), /dev/kvm $kvm, running the cases (uptime $(cut -d' ' -f1 /proc/uptime))"
 chroot $R {python} -B -m harness.qemu.guest /tmp/kh/args.json
 finish $?
 """
@@ -114,6 +119,14 @@ class GuestSpec:
     nonce: str
     env: dict[str, str] = field(default_factory=dict)
     outdir: str = ""  # host folder shared read-write at the same path (runner.RunConfig.outdir)
+    # Under TCG khugepaged's collapses copy 2 MiB with `rep movsb` at emulation speed, seconds each
+    # with the mm's locks held: the harness's vCPU faults and RCU waited behind one (a race's quiet
+    # sweep missed its 5 s bound; an RCU stall of 21 s named khugepaged in collapse_huge_page). Its
+    # scans then sleep an hour: THP faults and MADV_COLLAPSE still work, only the background goes.
+    pause_khugepaged: bool = False
+
+
+KHUGEPAGED_SLEEP = "/sys/kernel/mm/transparent_hugepage/khugepaged/scan_sleep_millisecs"
 
 
 def render_init(spec: GuestSpec, base: list[str], amd: list[str], intel: list[str]) -> str:
@@ -123,7 +136,11 @@ def render_init(spec: GuestSpec, base: list[str], amd: list[str], intel: list[st
     keep = next((spec.cwd for top in ("/tmp/", "/var/tmp/") if (spec.cwd + "/").startswith(top)), "")
     return INIT_TEMPLATE.format(nonce=spec.nonce, base=words(base), amd=words(amd), intel=words(intel),
                                 python=shlex.quote(spec.python), keep=shlex.quote(keep) if keep else '""',
-                                outdir=shlex.quote(spec.outdir) if spec.outdir else '""')
+                                outdir=shlex.quote(spec.outdir) if spec.outdir else '""',
+                                khugepaged=(f'if echo 3600000 2>&1 > {KHUGEPAGED_SLEEP}; then '
+                                            'say "TCG: khugepaged scans paused (an hour between scans)"; '
+                                            f'else say "TCG: khugepaged not paused ({KHUGEPAGED_SLEEP})"; fi'
+                                            if spec.pause_khugepaged else ""))
 
 
 def find_busybox() -> str | None:

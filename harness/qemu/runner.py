@@ -561,9 +561,26 @@ def _prepare_kernel(cfg: RunConfig, tmp: Path, out: TextIO) -> image.KernelImage
     return img
 
 
+def result_outdir(args: Sequence[str], cwd: str | Path) -> Path | None:
+    """The one host folder the result files the pytest args name (--junitxml, --ktap) are in: the
+    guest writes to the host only there (RunConfig.outdir). None when they name none; ValueError
+    when they are in different folders (one read-write share per guest)."""
+    dirs = {(Path(cwd) / p).resolve().parent for _, p in shard_args(args, 1, 1)[1]}
+    if len(dirs) > 1:
+        raise ValueError(f"the result files are in {len(dirs)} folders ({', '.join(sorted(map(str, dirs)))}): "
+                         "the guest can write back to one; put --junitxml and --ktap in the same folder")
+    return next(iter(dirs), None)
+
+
 def run(cfg: RunConfig, out: TextIO | None = None) -> RunResult:
     out = out or sys.stdout
     t0 = time.monotonic()
+    if cfg.outdir is None:
+        # without it the guest writes them into its own tmpfs overlay and they are lost with it
+        try:
+            cfg.outdir = result_outdir(cfg.pytest_args, cfg.cwd)
+        except ValueError as e:
+            return RunResult(ABORT, "setup", str(e))
     if not cfg.kernel.is_file():  # e.g. the build step made none: this commit cannot boot
         return RunResult(cfg.boot_failure, "boot-failure", f"{cfg.kernel}: no such kernel image")
     if not shutil.which(cfg.qemu):
@@ -647,7 +664,7 @@ def _make_guest(cfg: RunConfig, prep: _Prepared, gdir: Path, pytest_args: list[s
     if pmem is not None:
         env[PMEM_ENV] = "scratch"  # the guest may format and reconfigure every pmem namespace it has
     spec = initramfs.GuestSpec(pytest_args, cfg.cwd, cfg.python, nonce, env,
-                               str(cfg.outdir.resolve()) if cfg.outdir else "")
+                               str(cfg.outdir.resolve()) if cfg.outdir else "", pause_khugepaged=prep.accel == "tcg")
     loads = initramfs.build(gdir / "initramfs.cpio", spec, prep.modules, prep.busybox)
     machine = choose_machine(cfg.machine, prep.config, pmem)
     cmd = qemu_command(qemu=cfg.qemu, accel=prep.accel, machine=machine, kernel=prep.img.path,
@@ -702,8 +719,8 @@ def _run_shards(cfg: RunConfig, prep: _Prepared, n: int, out: TextIO, tmp: Path,
         except (OSError, ValueError, ModuleError) as e:
             return RunResult(SKIP, "setup", f"cannot prepare the guest of shard {i}/{n}: {e}")
     _say_guest(cfg, prep, guests[0], out, n)
-    _say(out, f"{n} shards: guest I runs the pytest args with --shard I/{n} (its share of the collection, dealt "
-              f"round-robin and balanced by shard_weight); its console lines start with [I/{n}]")
+    _say(out, f"{n} shards: guest I runs the pytest args with --shard I/{n} (its share of the collection, balanced "
+              f"on the cases' measured durations, cases/durations.json); its console lines start with [I/{n}]")
     ctl = _Guests()
     lock = threading.Lock()
     results: list[RunResult | None] = [None] * n
