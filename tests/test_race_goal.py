@@ -3,6 +3,9 @@ races its whole duration. Real /dev/kvm: the counts are the engine's own."""
 
 from __future__ import annotations
 
+import time
+
+from harness.race.disruptors import DISRUPTORS, Remap
 from harness.race.engine import Race
 from harness.race.plan import RaceGoal, RaceSpec
 
@@ -40,3 +43,34 @@ def test_without_a_goal_a_race_takes_its_duration(kvm, backings):
     _, rep = _run(kvm, backings, spec)
     assert rep.ended == "time" and rep.duration >= 0.5, rep.summary()
     assert "ended at its goal" not in rep.summary()
+
+
+class LateRemap(Remap):
+    """A remap disruptor whose thread gets going only after `delay`: what a one-CPU TCG guest did
+    to a race once (the thread had no CPU for the whole 1 s cap, 0 ops)."""
+
+    name = "late-remap"
+    delay = 0.0
+
+    def run(self, stop, limit=None, cpu=None):
+        time.sleep(self.delay)
+        super().run(stop, limit, cpu)
+
+
+def test_a_race_goes_past_its_cap_until_the_host_has_raced(kvm, backings, monkeypatch):
+    monkeypatch.setitem(DISRUPTORS, LateRemap.name, LateRemap)
+    monkeypatch.setattr(LateRemap, "delay", 0.6)
+    spec = RaceSpec("anon", (LateRemap.name,), seconds=0.2, goal=RaceGoal(), label="late")
+    race, rep = _run(kvm, backings, spec)
+    assert not rep.failures(), rep.summary()
+    assert rep.duration > 0.6 and race.disruptors[0].overlapped > 0, rep.summary()
+    assert rep.duration < spec.progress_bound, rep.summary()
+
+
+def test_a_host_that_never_races_still_fails_overlap_at_the_bound(kvm, backings, monkeypatch):
+    monkeypatch.setitem(DISRUPTORS, LateRemap.name, LateRemap)
+    monkeypatch.setattr(LateRemap, "delay", 3.0)
+    spec = RaceSpec("anon", (LateRemap.name,), seconds=0.2, goal=RaceGoal(), label="never", progress_bound=1.0)
+    _, rep = _run(kvm, backings, spec)
+    assert 1.0 <= rep.duration < 3.0, rep.summary()
+    assert "overlap: the host made no operation at all" in rep.failures(("overlap",)), rep.summary()
