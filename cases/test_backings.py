@@ -152,7 +152,7 @@ def _system_figures(kind: str, b: memory.Backing) -> dict[str, int]:
 
 # devdax (Feature.DEVICE) is left out: a device's memory has no hole to punch and never goes back
 @pytest.mark.parametrize("kind", memory.names(exclude=Feature.DEVICE))
-def test_punch_hole(kvm, backings, memtouch, kind, record_property):
+def test_punch_hole(kvm, backings, memtouch, kind, case_property):
     """After the kind's punch (fallocate PUNCH_HOLE, or madvise DONTNEED/REMOVE for anonymous
     memory) the guest reads zeros in exactly that range, the old data elsewhere, and the memory
     the backing holds drops by the hole's size."""
@@ -169,13 +169,13 @@ def test_punch_hole(kvm, backings, memtouch, kind, record_property):
     assert before["footprint"] >= size, f"{b.footprint_method}: {before['footprint']:#x} < {size:#x} written"
     if "page_cache" in before:
         kept, edges = _page_cache_kept(b, off, length)
-        record_property("page_cache_kept", kept)
-        record_property("edge_folios", "; ".join(edges))
+        case_property("page_cache_kept", kept)
+        case_property("edge_folios", "; ".join(edges))
     b.punch_hole(off, length)
     after = _system_figures(kind, b)
     deltas = {k: before[k] - after[k] for k in before}
     for k, v in deltas.items():
-        record_property(f"released_{k}", v)
+        case_property(f"released_{k}", v)
 
     # the guest: zeros exactly in the hole, the pattern around it
     expect = words(pattern, size, stride)

@@ -95,7 +95,7 @@ def _stat(stats: dict, name: str) -> int:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_kvm_maps_zone_device_pages(kvm, backings, memtouch, record_property, kind):
+def test_kvm_maps_zone_device_pages(kvm, backings, memtouch, case_property, kind):
     """The host mapping's pages are the pmem's (PFNs inside the namespace's physical range, none in
     System RAM), mapped as the kind says (devdax: 2 MiB pages), and KVM maps them into the guest:
     its pages_2m / pages_4k stats cover the slot after the guest touched it."""
@@ -120,15 +120,15 @@ def test_kvm_maps_zone_device_pages(kvm, backings, memtouch, record_property, ki
                             ", ".join(n.describe() for n in nss)
     with open("/proc/self/smaps") as f:
         sm = dax.smaps_entry(f.read(), b.addr)
-    record_property("smaps", {k: sm.get(k) for k in ("path", "KernelPageSize", "Rss", "FilePmdMapped")})
+    case_property("smaps", {k: sm.get(k) for k in ("path", "KernelPageSize", "Rss", "FilePmdMapped")})
     page = dax.kb(sm["KernelPageSize"])
     if kind == "devdax":
         assert page == PAGE_2M and sm["path"] == b.device, f"devdax mapping in smaps: {sm}"
 
     d4k = _stat(stats1, "pages_4k") - _stat(stats0, "pages_4k")
     d2m = _stat(stats1, "pages_2m") - _stat(stats0, "pages_2m")
-    record_property("kvm_pages_4k_delta", d4k)
-    record_property("kvm_pages_2m_delta", d2m)
+    case_property("kvm_pages_4k_delta", d4k)
+    case_property("kvm_pages_2m_delta", d2m)
     if "pages_2m" not in stats1:
         pytest.skip(f"this KVM has no pages_4k/pages_2m VM stats (it has {sorted(stats1)[:8]}...): "
                     "the host side was checked, KVM's mapping level is not observable")

@@ -211,7 +211,7 @@ def _ring_kinds() -> list:
 
 @pytest.mark.requires_cap(Cap.DIRTY_LOG_RING, 4096)
 @pytest.mark.parametrize(("kind", "acq_rel"), _ring_kinds())
-def test_dirty_ring_order(make_writer, kvm, kernel_health, record_property, kind, acq_rel):
+def test_dirty_ring_order(make_writer, kvm, kernel_health, case_property, kind, acq_rel):
     """Each round the ring holds exactly the pages the guest wrote, in the order it first wrote
     them, all for our slot (a page rewritten while dirty may be pushed again, never more often than
     written: kvm_pvm pushes every rewrite); after KVM_RESET_DIRTY_RINGS the next round's writes are pushed again."""
@@ -231,7 +231,7 @@ def test_dirty_ring_order(make_writer, kvm, kernel_health, record_property, kind
             slots = {s for s, _ in got}
             assert slots <= {SLOT}, f"ring entries for slots {slots}, only slot {SLOT} logs"
             v = ring_order(order, [o for _, o in got], gpa=GPA).check(f"round {rnd}, {w.where()}")
-            record_property(f"repeated_entries_round{rnd}", v.facts["repeats"])
+            case_property(f"repeated_entries_round{rnd}", v.facts["repeats"])
             n = vm.reset_dirty_rings()
             assert n == len(got), f"KVM_RESET_DIRTY_RINGS reset {n} entries, {len(got)} were harvested"
             assert ring.harvest() == [], "entries appeared with the guest stopped"
@@ -258,7 +258,7 @@ def ring_desync_message(ring: DirtyRing, sizes: list[int]) -> str:
 
 @pytest.mark.requires_cap(Cap.DIRTY_LOG_RING, 4096)
 @pytest.mark.shard_weight(45)  # ~30 s under TCG: fills the ring for RING_SECONDS
-def test_dirty_ring_never_overflows(make_writer, kernel_health, record_property):
+def test_dirty_ring_never_overflows(make_writer, kernel_health, case_property):
     """A 256-entry ring (the minimum: one page; soft limit 192, 64 entries reserved) filled again
     and again: each time the vCPU exits with KVM_EXIT_DIRTY_RING_FULL, the host harvests + resets
     and resumes it. KVM must exit before the reserve runs out: the ring never overflows, every
@@ -304,10 +304,10 @@ def test_dirty_ring_never_overflows(make_writer, kernel_health, record_property)
             v.check(f"pass {rnd}; entries harvested at each full exit: {sizes}")
             repushed += v.facts["repushes"]
     finally:
-        record_property("passes", rnd)
-        record_property("repushed_after_full_exit", repushed)
-        record_property("full_exits", len(sizes))
-        record_property("max_harvest", max(sizes, default=0))
+        case_property("passes", rnd)
+        case_property("repushed_after_full_exit", repushed)
+        case_property("full_exits", len(sizes))
+        case_property("max_harvest", max(sizes, default=0))
     assert len(sizes) >= rnd * len(pages) // entries, \
         f"only {len(sizes)} ring-full exits for {rnd * len(pages)} writes"
     kernel_health.assert_healthy(w.where())
@@ -318,7 +318,7 @@ def test_dirty_ring_never_overflows(make_writer, kernel_health, record_property)
 @pytest.mark.requires_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2)
 @pytest.mark.parametrize("kind", ["anon", "shmem", "anon-thp"])
 @pytest.mark.parametrize("method", ["ring", "get", "manual-clear"])
-def test_dirty_concurrent_no_loss(make_writer, kernel_health, request, record_property, method, kind):
+def test_dirty_concurrent_no_loss(make_writer, kernel_health, request, case_property, method, kind):
     """The guest rewrites a random page set round after round (each write a new value) while the
     host, like a migration, repeatedly collects the dirty pages (ring harvest + KVM_RESET_DIRTY_RINGS,
     or GET_DIRTY_LOG, or GET + CLEAR_DIRTY_LOG) and only then copies them. After the guest stops
@@ -410,12 +410,12 @@ def test_dirty_concurrent_no_loss(make_writer, kernel_health, request, record_pr
     uc = result["uc"]
     assert uc.cmd == SYNC, f"dirty_writer answered {uc!r}"  # type: ignore[union-attr]
     rounds, nwrites = uc.args[:2]  # type: ignore[union-attr]
-    record_property("guest_writes", nwrites)
+    case_property("guest_writes", nwrites)
     final = collect()
     reported |= final
     copy_pages(final)
-    record_property("rounds", rounds)
-    record_property("collections", collections)
+    case_property("rounds", rounds)
+    case_property("collections", collections)
     assert rounds >= 3, f"the guest completed only {rounds} rounds (seed {seed})"
     migration_copy(bytes(src), bytes(copy), gpa=GPA).check(
         f"{method}, {rounds} rounds, {collections} collections, {w.where()}, rerun with --race-seed={seed}")

@@ -364,7 +364,7 @@ def _params() -> list:
 
 @pytest.mark.parametrize(("kind", "method"), _params())
 @pytest.mark.kvm_timeout(60)
-def test_kvmclock_after_invalidation(kvm, clock_setup, kernel_health, record_property, kind, method):
+def test_kvmclock_after_invalidation(kvm, clock_setup, kernel_health, case_property, kind, method):
     """For each trigger (KVM_SET_CLOCK, KVM_KVMCLOCK_CTRL, vCPU migration): invalidate the pvclock
     page, seed the page mapped now, ask for a clock update, check both pages and the guest's view."""
     s = clock_setup(kind)
@@ -377,7 +377,7 @@ def test_kvmclock_after_invalidation(kvm, clock_setup, kernel_health, record_pro
     triggers = TRIGGERS[:1] if s.unit == PAGE_1G else TRIGGERS
     for rnd, trigger in enumerate(triggers):
         r = _check_round(s, c, method, trigger, rnd, ctrl_ok)
-        record_property(f"{trigger}_updated", r["updated"])
+        case_property(f"{trigger}_updated", r["updated"])
     c.done()
     kernel_health.assert_healthy(f"{kind}/{method}")
 
@@ -451,7 +451,7 @@ def _race_params() -> list:
 
 
 @pytest.mark.parametrize(("kind", "method"), _race_params())
-def test_kvmclock_race(kvm, clock_setup, kernel_health, request, record_property, kind, method):
+def test_kvmclock_race(kvm, clock_setup, kernel_health, request, case_property, kind, method):
     """A host thread invalidates the pvclock unit over and over (punch, or swap in fresh memory
     keeping the old) while the vCPU rewrites MSR_KVM_SYSTEM_TIME_NEW in a loop, each write one
     clock update through the pfncache. Then one clean update must land in the page mapped now."""
@@ -517,10 +517,10 @@ def test_kvmclock_race(kvm, clock_setup, kernel_health, request, record_property
     if err:
         raise err[0]
     iters, odd, torn, maxv, _ = out["churn"]
-    record_property("clock_updates", iters)
-    record_property("max_version", maxv)
-    record_property("invalidations", n)
-    record_property("torn_reads", torn)
+    case_property("clock_updates", iters)
+    case_property("max_version", maxv)
+    case_property("invalidations", n)
+    case_property("torn_reads", torn)
     where = f"{kind}/{method}, seed {seed}, {iters} guest clock updates vs {n} invalidations"
     assert iters > 100 and n > 10, f"the race did not race: {where}"
     assert odd == 0, f"the guest saw an odd (half-written) version {odd} times right after its own update ({where})"

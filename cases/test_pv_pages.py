@@ -419,16 +419,16 @@ def _params() -> list:
 
 @pytest.mark.parametrize(("area", "kind", "method"), _params())
 @pytest.mark.kvm_timeout(60)
-def test_pv_area_after_invalidation(pv_setup, kernel_health, record_property, area, kind, method):
+def test_pv_area_after_invalidation(pv_setup, kernel_health, case_property, area, kind, method):
     """A baseline round, then ROUNDS rounds of: invalidate the area's page, seed the page mapped now,
     make KVM write the area; the write must be in the page mapped now (and read so by the guest), the
     old page untouched."""
     px = pv_setup(kind, area)
-    record_property("round_0", one_round(px, "none", 0))
+    case_property("round_0", one_round(px, "none", 0))
     for rnd in range(1, ROUNDS + 1):
-        record_property(f"round_{rnd}", one_round(px, method, rnd))
+        case_property(f"round_{rnd}", one_round(px, method, rnd))
     for k, v in px.facts.items():
-        record_property(k, v)
+        case_property(k, v)
     px.pv.done()
     kernel_health.assert_healthy(f"{area}/{kind}/{method}")
 
@@ -522,7 +522,7 @@ def _kick(vcpu: Any, ex: Any) -> bool:
 
 @pytest.mark.parametrize(("kind", "method"), _race_params())
 @pytest.mark.kvm_timeout(60)
-def test_steal_time_race(pv_setup, kernel_health, request, record_property, kind, method):
+def test_steal_time_race(pv_setup, kernel_health, request, case_property, kind, method):
     """A host thread punches / swaps / bumps the memslot generation over and over while the guest
     rewrites MSR_KVM_STEAL_TIME and exits to the host in a loop (each new KVM_RUN, and upstream each
     MSR write, one record_steal_time through the hva cache).
@@ -598,7 +598,7 @@ def test_steal_time_race(pv_setup, kernel_health, request, record_property, kind
     iters, odd, torn, maxv, pre, skipped = out["churn"]
     for k, v in (("updates", iters), ("invalidations", n), ("odd", odd), ("torn_reads", torn),
                  ("max_version", maxv), ("preempted_seen", pre), ("not_judged", skipped)):
-        record_property(k, v)
+        case_property(k, v)
     where = (f"steal time, {kind}/{method}, seed {seed}, {iters} guest updates vs {n} invalidations "
              f"({skipped} reads not judged: a swap overlapped them)")
     assert iters > 100 and n > 10, f"the race did not race: {where}"

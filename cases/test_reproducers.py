@@ -61,7 +61,7 @@ def _verdict(output: str, prefix: str) -> str:
 
 @pytest.mark.parametrize("ki", [pytest.param(ki, id=ki.id) for ki in _with_reproducer()])
 @pytest.mark.shard_weight(15)  # builds and runs a C program: 8-30 s each under TCG
-def test_reproducer(ki, build_reproducer, record_property):
+def test_reproducer(ki, build_reproducer, case_property):
     """The reproducer named by the known issue reports the kernel correct (exit 0)."""
     src = _source(ki)
     exe = build_reproducer(src)
@@ -72,8 +72,8 @@ def test_reproducer(ki, build_reproducer, record_property):
         pytest.fail(f"{ki.reproducer} did not finish in {RUN_TIMEOUT} s (it bounds itself: a hang in the "
                     f"kernel or the reproducer):\n{out.strip()}", pytrace=False)
     output = (r.stdout + r.stderr).strip()
-    record_property("reproducer_exit", r.returncode)
-    record_property("reproducer_output", output)
+    case_property("reproducer_exit", r.returncode)
+    case_property("reproducer_output", output)
     if r.returncode == EXIT_OK:
         print(output)  # shown with -rP / -rA: what the kernel answered
         return

@@ -40,12 +40,12 @@ CASES = [
 
 
 @pytest.mark.parametrize(("disruptor", "kind", "vcpus", "page"), CASES)
-def test_uffd_hold(race, record_property, disruptor, kind, vcpus, page):
+def test_uffd_hold(race, case_property, disruptor, kind, vcpus, page):
     """Faults held in GUP while the host invalidates their range, then let go with the new
     generation: every named oracle must hold, and the held faults must be KVM's own GUP."""
     rep = race(kind, (disruptor,), vcpus=vcpus, page=page, oracles=ORACLES)
     retries = retries_upper_bound(rep.stats)
-    record_property("uffd_kvm_unfinished_faults", "not observable" if retries is None else retries)
+    case_property("uffd_kvm_unfinished_faults", "not observable" if retries is None else retries)
     held = rep.extra["uffd_faults_held"]
     assert held and rep.extra["uffd_held_invalidated"], rep.summary()  # the uffd oracle says so first
     why = rep.extra_verdicts[ORACLE].facts["not_through_gup"]

@@ -76,11 +76,11 @@ def _open(rig: VsockRig) -> None:
                                         "check that the worker ends would prove nothing")
 
 
-def _close(rig: VsockRig, record_property) -> None:
+def _close(rig: VsockRig, case_property) -> None:
     took = rig.close_driver()  # VhostStuck when the release or the worker's end exceeds its bound
     assert "worker_gone" in took
-    record_property("vhost_close_s", round(took["close"], 4))
-    record_property("vhost_worker_gone_s", round(took["worker_gone"], 4))
+    case_property("vhost_close_s", round(took["close"], 4))
+    case_property("vhost_worker_gone_s", round(took["worker_gone"], 4))
 
 
 def _ctx(rig: VsockRig, b, rnd: Round, extra: str = "") -> str:
@@ -91,7 +91,7 @@ def _ctx(rig: VsockRig, b, rnd: Round, extra: str = "") -> str:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_vhost_rx_lands(vhost_vsock, memtouch, rigs, kernel_health, record_property, kind):
+def test_vhost_rx_lands(vhost_vsock, memtouch, rigs, kernel_health, case_property, kind):
     """Three rounds: 128 RX buffers (a 44-byte header slot + a 4 KiB data page each) are posted
     over poison, the host sends 512 KiB; vhost must return every buffer with exactly the stream's
     bytes in order, headers of this connection, nothing written beyond what it returned (the
@@ -114,13 +114,13 @@ def test_vhost_rx_lands(vhost_vsock, memtouch, rigs, kernel_health, record_prope
             os.fsync(b.fd)
             rig.disk_verdict([rig.data_range(rnd.pages), *rig.meta_ranges()]).check(ctx)
         rig.credit(rnd)
-    _close(rig, record_property)
+    _close(rig, case_property)
     memtouch.done()
     kernel_health.assert_healthy(f"vhost rx {kind}")
 
 
 @pytest.mark.parametrize("kind", DISK_KINDS)
-def test_vhost_writeback_race(vhost_vsock, memtouch, rigs, kernel_health, request, record_property, kind):
+def test_vhost_writeback_race(vhost_vsock, memtouch, rigs, kernel_health, request, case_property, kind):
     """Two writers on every page: vhost fills the first 2 KiB of each data page while the vCPU
     writes words at +2 KiB and +4088 of the same pages, and a host thread keeps calling fsync,
     sync_file_range (start; wait-write-wait), msync(MS_ASYNC) and MADV_PAGEOUT on random ranges of
@@ -180,9 +180,9 @@ def test_vhost_writeback_race(vhost_vsock, memtouch, rigs, kernel_health, reques
     if err:
         raise err[0]
     assert ops.get("pageout") and ops.get("fsync"), f"the racer did not run: {ops}"
-    record_property("rounds", rounds)
-    record_property("racer_ops", str(ops))
-    _close(rig, record_property)
+    case_property("rounds", rounds)
+    case_property("racer_ops", str(ops))
+    _close(rig, case_property)
     memtouch.done()
     kernel_health.assert_healthy(f"vhost writeback race {kind}, seed {seed}")
 
@@ -213,7 +213,7 @@ def _restore(how: str, rig: VsockRig, b) -> None:
 
 @pytest.mark.parametrize("kind", ["file", "shmem"])
 @pytest.mark.parametrize("how", ["munmap", "truncate", "punch"])
-def test_vhost_rx_into_lost_memory(vhost_vsock, memtouch, rigs, kernel_health, request, record_property,
+def test_vhost_rx_into_lost_memory(vhost_vsock, memtouch, rigs, kernel_health, request, case_property,
                                    how, kind):
     """Iterations, each on a fresh vhost device: 128 buffers posted, the host sends 512 KiB, and
     the upper 64 data pages are munmapped / truncated off the file / punched, before the send
@@ -294,8 +294,8 @@ def test_vhost_rx_into_lost_memory(vhost_vsock, memtouch, rigs, kernel_health, r
             os.fsync(b.fd)
             data = rig.data_range(rnd.pages if how == "munmap" else LOWER)
             rig.disk_verdict([data, *rig.meta_ranges()]).check(ctx)
-        _close(rig, record_property)
+        _close(rig, case_property)
         it += 1
-    record_property("iterations", str(seen))
+    case_property("iterations", str(seen))
     memtouch.done()
     kernel_health.assert_healthy(f"vhost {how} {kind}, seed {seed}")

@@ -85,7 +85,7 @@ def test_writeback_after_sync(memtouch, backings, kernel_health, kind, sync):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_writeback_race(memtouch, backings, kernel_health, request, record_property, kind):
+def test_writeback_race(memtouch, backings, kernel_health, request, case_property, kind):
     """While the guest writes round after round, a host thread keeps calling fsync, msync(MS_ASYNC)
     and madvise(MADV_PAGEOUT) on random ranges. After each round and an fsync the disk holds
     that round's words everywhere: nothing the guest wrote is lost to a racing write-back/reclaim."""
@@ -133,8 +133,8 @@ def test_writeback_race(memtouch, backings, kernel_health, request, record_prope
         t.join(10)
     if err:
         raise err[0]
-    record_property("rounds", rounds)
-    record_property("racer_ops", str(ops))
+    case_property("rounds", rounds)
+    case_property("racer_ops", str(ops))
     assert ops["pageout"] and ops["fsync"], f"the racer did not run: {ops}"
     memtouch.done()
     kernel_health.assert_healthy(f"{kind} race, seed {seed}")
@@ -148,7 +148,7 @@ class _Faulted(Exception):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_truncate_under_guest(memtouch, backings, kernel_health, record_property, kind):
+def test_truncate_under_guest(memtouch, backings, kernel_health, case_property, kind):
     """The guest reads the upper half of the file in a loop from its own thread; the host truncates
     the file to half. The vCPU must fail on the truncated GPAs (KVM_RUN -EFAULT, with a memory-fault
     exit where the kernel gives one; kvm_pvm answers with an MMIO exit), never read the old data,
@@ -215,7 +215,7 @@ def test_truncate_under_guest(memtouch, backings, kernel_health, record_property
     assert "fault" in state, (f"the guest read the truncated range {state.get('no_fault')} (passes, words "
                               "differing from the old data, first offset) times without any fault")
     how, gpa = state["fault"]  # type: ignore[misc]
-    record_property("fault", f"{how} at GPA {gpa:#x}")
+    case_property("fault", f"{how} at GPA {gpa:#x}")
     if how.startswith("KVM_RUN"):
         assert "EFAULT" in how, f"KVM_RUN failed with {how}, expected EFAULT"
     else:

@@ -526,7 +526,7 @@ def _params() -> list:
 
 @pytest.mark.parametrize(("struct", "addressing", "kind", "method"), _params())
 @pytest.mark.kvm_timeout(60)
-def test_xen_struct_after_invalidation(xen_setup, kernel_health, record_property, struct, addressing, kind,
+def test_xen_struct_after_invalidation(xen_setup, kernel_health, case_property, struct, addressing, kind,
                                        method):
     """Name the struct to KVM, check KVM's first write, then per trigger: invalidate, seed the page
     mapped now, make KVM write, check the page mapped now, the old page and the guest's view."""
@@ -542,7 +542,7 @@ def test_xen_struct_after_invalidation(xen_setup, kernel_health, record_property
         s.vm.add_memslot(GPA, s.unit, slot=SLOT, backing=old)
         _round(x, "none", triggers[0], len(triggers))
     x.guest.done()
-    record_property("rounds", ",".join(x.rounds))
+    case_property("rounds", ",".join(x.rounds))
     kernel_health.assert_healthy(f"{struct}/{addressing}/{kind}/{method}")
 
 

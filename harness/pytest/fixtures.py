@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -93,6 +93,16 @@ def _kvm_bound(request: pytest.FixtureRequest, _kernel_health: None) -> Iterator
     WATCHDOG.set_global_deadline(seconds, f"test exceeded its {seconds:g} s bound on KVM_RUN")
     yield
     WATCHDOG.set_global_deadline(None)
+
+
+@pytest.fixture
+def case_property(request: pytest.FixtureRequest) -> Callable[[str, object], None]:
+    """case_property(name, value): a fact of this run in the JUnit (<property>) and KTAP reports.
+    pytest's record_property does the same but warns on every use under the default junit_family
+    (xunit2), one warning per case in a run without xdist (the kernel runner's guests)."""
+    def add(name: str, value: object) -> None:
+        request.node.user_properties.append((name, value))
+    return add
 
 
 @pytest.fixture
