@@ -541,6 +541,8 @@ for opt, path in files:
         tcs = "".join(f'<testcase classname="cases.test_f" name="{{c.split("::")[1]}}" time="0.1" />' for c in cases)
         open(path, "w").write(f'<testsuites><testsuite name="pytest" errors="0" failures="0" skipped="0" '
                                 f'tests="{{len(cases)}}" time="1.0">{{tcs}}</testsuite></testsuites>')
+if mode == "hang":  # its results written, it never ends
+    time.sleep(120)
 code = {{"pass": 0, "fail": 1, "empty": 128}}[mode]
 for k in range(5):
     say(f"line {{k}} of shard {{i}}")
@@ -635,18 +637,22 @@ def test_fake_shards_a_guest_that_cannot_be_made_is_125(tmp_path, monkeypatch):
 
 
 def test_sigterm_to_a_sharded_run_kills_every_qemu(tmp_path):
-    q, kernel, record = _fake_shards(tmp_path, ["slow", "slow"])
+    """...and merges what the shards wrote: shard 1 wrote its KTAP and hangs, shard 2 wrote nothing."""
+    q, kernel, record = _fake_shards(tmp_path, ["hang", "slow"])
+    res_dir = tmp_path / "res"
     script = textwrap.dedent(f"""
         from pathlib import Path
         from harness.qemu import initramfs, runner
         initramfs.find_busybox = lambda: {str(tmp_path / "busybox")!r}
-        runner.run(runner.RunConfig(kernel=Path({str(kernel)!r}), pytest_args=["x"], qemu={str(q)!r},
-                                    timeout=60.0, shards=2))
+        runner.run(runner.RunConfig(kernel=Path({str(kernel)!r}), pytest_args=["x", "--ktap={res_dir}/k.txt"],
+                                    qemu={str(q)!r}, timeout=60.0, shards=2))
     """)
     p = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
         while len(_records(record)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while not (res_dir / "k.txt.shard1").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # into the run loops
         p.terminate()
@@ -661,6 +667,10 @@ def test_sigterm_to_a_sharded_run_kills_every_qemu(tmp_path):
     while not all(_gone(pid) for _, pid, _ in rows) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(_gone(pid) for _, pid, _ in rows) and not any(p.parent.exists() for _, _, p in rows)
+    assert sorted(f.name for f in res_dir.iterdir()) == ["k.txt"]  # merged, the shard file removed
+    doc = parse_ktap((res_dir / "k.txt").read_text())
+    assert [t.description for t in doc.tests][:2] == ["cases/test_f.py::test_0", "cases/test_f.py::test_2"]
+    assert doc.tests[-1].directive == "ERROR" and "wrote no KTAP file (stopped" in doc.tests[-1].reason
 
 
 # ---- real boots: Debian's 6.1 kernel under QEMU --------------------------------------------------

@@ -743,10 +743,16 @@ def _run_shards(cfg: RunConfig, prep: _Prepared, n: int, out: TextIO, tmp: Path,
         for t in threads:
             while t.is_alive():
                 t.join(0.2)
-    except BaseException:
+    except BaseException as e:
         ctl.abort()  # every QEMU of the run, by its pid
         for t in threads:
             t.join(20)
+        # what the shards wrote so far is merged (each cut-short file says so), not left as PATH.shardI
+        why = f"the run was interrupted ({type(e).__name__})"
+        try:
+            _merge_results(cfg, files, [r or RunResult(SKIP, "interrupted", why) for r in results], out)
+        except Exception as me:  # the interruption goes on; the shard files stay for a look
+            _say(out, f"could not merge the shards' result files after the interruption: {me!r}")
         raise
     done = [r if r is not None else RunResult(SKIP, "harness-died", "the shard's thread gave no result")
             for r in results]
