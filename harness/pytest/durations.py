@@ -2,9 +2,9 @@
 
 The file (cases/durations.json) holds what one full run under TCG measured: the cases that took at
 least `THRESHOLD` seconds each by name, and one `default` for all the others (their mean, so their
-sum comes out right), so it stays short and a new case needs no entry. Under TCG a case's time ranges from 0.01 s (a skip) to
-minutes (the every-slot case), and dealing cases by count put 604 s of cases in one guest against
-564 s in the other; by measured seconds the slices come out even.
+sum comes out right), so it stays short and a new case needs no entry. Under TCG a case's time
+ranges from 0.01 s (a skip) to minutes (the every-slot case), and dealing cases by count put 604 s
+of cases in one guest against 564 s in the other; by measured seconds the slices come out even.
 
 Recording: run the suite in the kernel runner with --junitxml and write the file from it:
 
