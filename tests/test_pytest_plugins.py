@@ -136,3 +136,28 @@ def test_each_plugin_loads_alone_without_warnings(pytester, plugin):
                                         "-W", "error::pytest.PytestAssertRewriteWarning")
     res.assert_outcomes(passed=1)
     assert "PytestAssertRewriteWarning" not in res.stdout.str() + res.stderr.str()
+
+
+SPARE = '''
+from harness.memory import PAGE_2M
+
+def test_spare(race, backings, request):
+    race("hugetlb-2m", ("punch",), vcpus=2, page=PAGE_2M, kvmclock=True)
+    props = dict(request.node.user_properties)
+    print("SPARE", props["spare_hugepages"], backings.hugepages.pool.held.get(PAGE_2M))
+'''
+
+
+def test_a_hugetlb_race_keeps_spare_pages_in_the_pool(pytester):
+    """One free page per vCPU and one for kvmclock beyond the region's: a punched page held by a
+    fault in flight must not leave the host's refault without a page (SIGBUS kills the harness)."""
+    pytester.makepyfile(test_s=SPARE)
+    res = pytester.runpytest_subprocess("-p", "harness.pytest.plugin", "-p", "harness.pytest.memory",
+                                        "-p", "harness.pytest.race", "-p", "no:cacheprovider", "-s", "-rs")
+    outcomes = res.parseoutcomes()
+    if outcomes.get("skipped"):
+        pytest.skip(f"no 2 MiB hugetlb race here: {res.stdout.str()[-300:]}")
+    res.assert_outcomes(passed=1)
+    m = re.search(r"SPARE (\S+) (\d+)", res.stdout.str())
+    assert m, res.stdout.str()
+    assert m.group(1) == "3" and int(m.group(2)) >= 3 + 1, m.groups()  # the region's pages and 2 + 1 spare
