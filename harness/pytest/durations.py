@@ -55,13 +55,13 @@ def load(path: Path) -> Durations | None:
                          f"re-record it: python -m harness.pytest.durations JUNIT -o {path}") from e
 
 
-def from_seconds(measured: Mapping[str, float], source: str, threshold: float = THRESHOLD) -> Durations:
+def from_seconds(measured: Mapping[str, float], source: str) -> Durations:
     """What the file keeps of a run's times: the slow cases by name, the others' mean as default."""
     if not measured:
         raise ValueError("no case times to record")
-    named = {k: round(v, 2) for k, v in sorted(measured.items()) if v >= threshold}
+    named = {k: round(v, 2) for k, v in sorted(measured.items()) if v >= THRESHOLD}
     rest = [v for k, v in measured.items() if k not in named]
-    default = round(statistics.fmean(rest), 3) if rest else threshold
+    default = round(statistics.fmean(rest), 3) if rest else THRESHOLD
     return Durations(default, named, source)
 
 

@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -578,7 +578,7 @@ def run(cfg: RunConfig, out: TextIO | None = None) -> RunResult:
     if cfg.outdir is None:
         # without it the guest writes them into its own tmpfs overlay and they are lost with it
         try:
-            cfg.outdir = result_outdir(cfg.pytest_args, cfg.cwd)
+            cfg = replace(cfg, outdir=result_outdir(cfg.pytest_args, cfg.cwd))
         except ValueError as e:
             return RunResult(ABORT, "setup", str(e))
     if not cfg.kernel.is_file():  # e.g. the build step made none: this commit cannot boot
