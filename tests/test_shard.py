@@ -103,6 +103,25 @@ def test_durations_recorded_from_junit(tmp_path):
     assert d.of("cases/test_a.py::test_p[0]") is None and durations.load(tmp_path / "none.json") is None
 
 
+def test_durations_of_several_runs_are_each_cases_median(tmp_path):
+    def run(name: str, times: list[float]) -> str:
+        cases = "".join(f'<testcase classname="cases.test_a" name="test_p[{k}]" time="{t}" />'
+                        for k, t in enumerate(times))
+        (tmp_path / name).write_text(_junit(cases, 0, 0, 0, 0.0))
+        return str(tmp_path / name)
+
+    files = [run("a.xml", [0.8, 3.0, 0.1]), run("b.xml", [26.0, 3.2, 0.1]), run("c.xml", [0.9, 2.8, 0.1])]
+    (tmp_path / "shard.xml").write_text(_junit('<testcase classname="cases.test_b" name="test_q" time="7.0" />',
+                                              0, 0, 0, 0.0))
+    out = tmp_path / "d.json"
+    assert durations.main([*files, str(tmp_path / "shard.xml"), "-o", str(out)]) == 0
+    d = durations.load(out)
+    assert d is not None
+    # the 26 s outlier of one run does not count; the shard's own case is kept as it is
+    assert dict(d.seconds) == {"cases/test_a.py::test_p[0]": 0.9, "cases/test_a.py::test_p[1]": 3.0,
+                               "cases/test_b.py::test_q": 7.0}
+
+
 def test_malformed_durations_file_is_named(tmp_path):
     (tmp_path / "d.json").write_text('{"seconds": []}')
     with pytest.raises(ValueError, match=r"d\.json: not a durations file .*re-record it"):

@@ -73,19 +73,26 @@ def dumps(d: Durations) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.pytest.durations",
                                  description="Record case durations from JUnit XML (the shards' weights).")
-    ap.add_argument("junit", nargs="+", type=Path, help="JUnit XML of a full run (the kernel runner's, merged)")
+    ap.add_argument("junit", nargs="+", type=Path,
+                    help="JUnit XML of full runs (the kernel runner's, merged, or its shards'); "
+                         "a case in several files gets its median")
     ap.add_argument("-o", "--output", type=Path, default=Path(DEFAULT_FILE))
     ap.add_argument("--source", default="", help="what was measured (kernel, accel, shards, date)")
     args = ap.parse_args(argv)
     from harness.matrix.cells import from_junit  # the same case ids as the matrix
 
-    measured: dict[str, float] = {}
+    # Several runs of the same cases: each case's median, so one run's outlier (a TCG guest's
+    # khugepaged stall made a 0.8 s race take 26 s once) does not steer the split. Shards' files hold
+    # disjoint cases and just add up.
+    runs: dict[str, list[float]] = {}
     for p in args.junit:
         try:
-            measured.update({k: c.seconds for k, c in from_junit(p).items()})
+            for k, c in from_junit(p).items():
+                runs.setdefault(k, []).append(c.seconds)
         except (OSError, ValueError) as e:  # ET.ParseError is a ValueError
             print(f"durations: {p}: {e}", file=sys.stderr)
             return 2
+    measured = {k: statistics.median(v) for k, v in runs.items()}
     d = from_seconds(measured, args.source or ", ".join(map(str, args.junit)))
     args.output.write_text(dumps(d))
     print(f"durations: {len(measured)} cases, {sum(measured.values()):.0f} s; {len(d.seconds)} at or above "
