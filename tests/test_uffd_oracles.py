@@ -439,3 +439,26 @@ def test_a_held_fault_let_go_with_stale_data_is_caught(kvm, backings, monkeypatc
     assert v.expected_gen - v.seen_gen == 1  # exactly the generation the COPY brought back
     assert rep.failures(("uffd", "progress")) == [], rep.summary()  # the mode itself did its job
     assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("race-"))
+
+
+@pytest.mark.parametrize("kind", ["anon", "shmem", "anon-shared", "hugetlb-2m"])
+@pytest.mark.parametrize("page", [0x1000, 0x200000], ids=["4k", "2m"])
+@pytest.mark.parametrize("cls", ["UffdMissing", "UffdWp"])
+def test_every_uffd_op_range_holds_a_tag(cls, kind, page):
+    """An op waits for a vCPU to fault into its range and the vCPUs touch only the tags: a range
+    without one waits out HOLD_WAIT for nothing (4 KiB pages under 2 MiB guest pages, a tag every
+    8 KiB: one op in six, before)."""
+    import random
+    from types import SimpleNamespace
+
+    from harness import memory
+    from harness.race.disruptors import uffd as D
+    from harness.race.region import geometry
+
+    size, stride = geometry(kind, page)
+    ctx = SimpleNamespace(mem=SimpleNamespace(size=size, stride=stride), kind_page=memory.kind(kind).page_size)
+    sched = getattr(D, cls)(ctx).schedule(random.Random(1795870986))
+    untagged = [(hex(o), hex(n)) for o, n in sched if -(-o // stride) * stride >= o + n]
+    assert not untagged, (f"{len(untagged)} of {len(sched)} ranges hold no tag (stride {stride:#x})",
+                          untagged[:5])
+    assert all(o + n <= size for o, n in sched)
