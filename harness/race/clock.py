@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 CLOCK_STEP = 1_000_000_000  # each KVM_SET_CLOCK jumps 1 s ahead: an old update never looks new
 CLOCK_WAIT = 0.5  # seconds for an update to show before it is a miss
+ENTRY_WAIT = P.CLOCK_ENTRY_WAIT
 CLOCK_DISRUPTORS = {"punch", "dontneed", "partial-thp", "pageout", "cold"}  # keep the page mapped
 
 
@@ -34,13 +35,23 @@ class ClockSetter:
     """KVM_SET_CLOCK, then the pvclock check; results go to the report (clock_* fields)."""
 
     def __init__(self, vm: GuestVm, mem: Region, report: RaceReport, nvcpus: int,
-                 vcpus_gone: Callable[[], bool]) -> None:
+                 vcpus_gone: Callable[[], bool], exits: Callable[[int], int] | None = None) -> None:
         self.vm = vm
         self.mem = mem
         self.report = report
         self.nvcpus = nvcpus
         self.vcpus_gone = vcpus_gone  # a vCPU finished or failed: its pvclock no longer updates
+        self.exits = exits  # vCPU i's VM exits so far (KVM's "exits" stat); 0 throughout: not observable
         self._base: int | None = None
+
+    def _entries_since(self, i: int, exits0: list[int] | None) -> int | None:
+        """How many times vCPU i surely entered its guest since the set (None: not observable)."""
+        if exits0 is None or self.exits is None:
+            return None
+        now = self.exits(i)
+        if not now:
+            return None  # kvm_pvm keeps its binary stats at zero
+        return max(0, now - exits0[i] - 1)
 
     def main(self, stop: threading.Event) -> None:
         """KVM_SET_CLOCK over and over until `stop` (see once)."""
@@ -61,6 +72,7 @@ class ClockSetter:
         set_ns = self._base
         before = mem.page0_changes
         self.vm.set_clock(set_ns)
+        exits0 = [self.exits(i) for i in range(self.nvcpus)] if self.exits is not None else None
         rep.clock_sets += 1
         t0 = time.monotonic()
         pending = set(range(self.nvcpus))
@@ -77,9 +89,17 @@ class ClockSetter:
                 return
             waited = time.monotonic() - t0
             if waited > CLOCK_WAIT:
+                entered = {i: self._entries_since(i, exits0) for i in pending}
+                if waited <= ENTRY_WAIT and any(n == 0 for n in entered.values()):
+                    time.sleep(0.001)  # a vCPU has not entered its guest since the set: KVM had no chance yet
+                    continue
+                if any(n == 0 for n in entered.values()):
+                    rep.clock_not_entered += 1
+                    return
                 for i in sorted(pending):
                     ver, st = mem.read_pvclock(i)
                     gpa = mem.pvclock_gpa(i)
-                    rep.clock_misses.append(P.ClockMiss(i, set_ns, gpa, mem.hva + gpa - GPA_A, ver, st, waited))
+                    rep.clock_misses.append(P.ClockMiss(i, set_ns, gpa, mem.hva + gpa - GPA_A, ver, st, waited,
+                                                        entered[i]))
                 return
             time.sleep(0)  # let the vCPU threads take the GIL for their exits

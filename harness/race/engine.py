@@ -174,7 +174,8 @@ class Race:
         # The case's own kernel-health window (or one of our own outside pytest): one verdict per case.
         health, own_health = case_health.for_case(spec.label or "race")
         setter = clock.ClockSetter(self.vm, self.mem, rep, spec.vcpus,
-                                   lambda: any(g.done or g.error for g in self.guests))
+                                   lambda: any(g.done or g.error for g in self.guests),
+                                   self._exit_counter() if spec.kvmclock else None)
         try:
             for g in self.guests:
                 self._threads.append(g.thread)
@@ -218,6 +219,15 @@ class Race:
         if own_health:
             health.close()
         return rep
+
+    def _exit_counter(self) -> Callable[[int], int] | None:
+        """vCPU i's VM exits so far from KVM's binary stats (None where there is no such counter)."""
+        try:
+            for g in self.guests:
+                g.vcpu.stats().value("exits")
+        except (KeyError, KvmError):
+            return None
+        return lambda i: self.guests[i].vcpu.stats().value("exits")
 
     def _goal_met(self, sw0: list[int], cur: list[int], elapsed: float) -> bool:
         goal = self.spec.goal

@@ -184,6 +184,13 @@ PVCLOCK_OFFSET = 0x800
 PVCLOCK_SIZE = kvmclock.PVCLOCK_SIZE
 
 
+# KVM writes the pvclock when the vCPU next enters its guest (KVM_REQ_CLOCK_UPDATE). Where KVM's
+# "exits" counter is observable, a vCPU that has not entered since a KVM_SET_CLOCK (fewer than 2
+# exits: an entry lies between two) is waited for up to this many seconds; one that still has not is
+# no evidence either way. In a one-CPU TCG guest with five busy threads 0.5 s is no proof of an entry.
+CLOCK_ENTRY_WAIT = 5.0
+
+
 @dataclass(frozen=True)
 class ClockMiss:
     """A KVM_SET_CLOCK whose pvclock update never reached the page the host has mapped there."""
@@ -195,12 +202,16 @@ class ClockMiss:
     version: int
     system_time: int
     waited: float
+    entries: int | None = None  # times the vCPU surely entered its guest since the set (None: not observable)
 
     def describe(self) -> str:
+        entered = ("VM entries not observable on this backend" if self.entries is None else
+                   f"the vCPU entered its guest at least {self.entries} time(s) since, each after KVM handled "
+                   "the clock update request (KVM's exits stat)")
         return (f"vcpu {self.vcpu}'s kvmclock at GPA {self.gpa:#x} (hva {self.hva:#x}): {self.waited * 1e3:.0f} ms "
                 f"after KVM_SET_CLOCK({self.set_ns}) the host mapping still holds version {self.version}, "
-                f"system_time {self.system_time} (no host operation touched that page meanwhile): KVM's "
-                "gfn_to_pfn_cache wrote the update somewhere else (a page the host no longer maps)")
+                f"system_time {self.system_time} (no host operation touched that page meanwhile; {entered}): "
+                "KVM's gfn_to_pfn_cache wrote the update somewhere else (a page the host no longer maps)")
 
 
 def pvclock_fresh(version: int, system_time: int, set_ns: int, step: int) -> bool:
