@@ -117,6 +117,34 @@ def test_kernel_cmdline():
     assert "tsc_early_khz" not in runner.kernel_cmdline("tcg", "", None)
 
 
+CMA_CONFIG = {"CONFIG_CMA": "y", "CONFIG_HUGETLB_PAGE": "y"}
+
+
+@pytest.mark.parametrize(("requested", "mem", "config", "append", "want"), [
+    ("auto", "6G", CMA_CONFIG, "", "3G"),  # the default guest: two 1 GiB pages and a range to spare
+    ("auto", "16G", CMA_CONFIG, "", "3G"),  # never more than that
+    ("auto", "4G", CMA_CONFIG, "", "1G"),  # q35 puts 2G below 4 GiB: 4G has 2G above, 1G of it CMA
+    ("auto", "5G", CMA_CONFIG, "", "2G"),
+    ("auto", "2G", CMA_CONFIG, "", None),  # nothing above 4 GiB: the 1 GiB cases skip, saying so
+    ("auto", "6G", {"CONFIG_HUGETLB_PAGE": "y"}, "", None),
+    ("auto", "6G", {}, "", None),  # config unknown
+    ("auto", "6G", CMA_CONFIG, "quiet hugetlb_cma=1G", None),  # the user's own wins
+    ("off", "6G", CMA_CONFIG, "", None),
+    ("3G", "2G", {}, "", "3G"),  # explicit: as given
+])
+def test_choose_hugetlb_cma(requested, mem, config, append, want):
+    got, why = runner.choose_hugetlb_cma(requested, mem, config, append)
+    assert got == want and why
+    if want is None and requested == "auto" and config:
+        assert ("--mem" in why) == (mem == "2G")
+
+
+@pytest.mark.parametrize("bad", ["lots", "1536M"])
+def test_hugetlb_cma_must_be_whole_gib(bad):
+    with pytest.raises(ValueError, match="whole GiB"):
+        runner.choose_hugetlb_cma(bad, "6G", CMA_CONFIG, "")
+
+
 def test_choose_accel_and_machine():
     assert runner.choose_accel("auto", None)[0] == "kvm"
     accel, why = runner.choose_accel("auto", "the host's KVM is kvm_pvm")

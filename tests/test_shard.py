@@ -111,6 +111,12 @@ def test_durations_of_several_runs_are_each_cases_median(tmp_path):
         return str(tmp_path / name)
 
     files = [run("a.xml", [0.8, 3.0, 0.1]), run("b.xml", [26.0, 3.2, 0.1]), run("c.xml", [0.9, 2.8, 0.1])]
+    skipped = ('<testcase classname="cases.test_a" name="test_p[3]" time="0.01"><skipped message="no 1 GiB page"/>'
+               '</testcase>')
+    for name in ("a.xml", "b.xml"):  # skipped twice (no 1 GiB page), then ran once: 9.5 s is its time
+        (tmp_path / name).write_text((tmp_path / name).read_text().replace("</testsuite>", skipped + "</testsuite>"))
+    (tmp_path / "c.xml").write_text((tmp_path / "c.xml").read_text().replace(
+        "</testsuite>", '<testcase classname="cases.test_a" name="test_p[3]" time="9.5" /></testsuite>'))
     (tmp_path / "shard.xml").write_text(_junit('<testcase classname="cases.test_b" name="test_q" time="7.0" />',
                                               0, 0, 0, 0.0))
     out = tmp_path / "d.json"
@@ -119,7 +125,7 @@ def test_durations_of_several_runs_are_each_cases_median(tmp_path):
     assert d is not None
     # the 26 s outlier of one run does not count; the shard's own case is kept as it is
     assert dict(d.seconds) == {"cases/test_a.py::test_p[0]": 0.9, "cases/test_a.py::test_p[1]": 3.0,
-                               "cases/test_b.py::test_q": 7.0}
+                               "cases/test_a.py::test_p[3]": 9.5, "cases/test_b.py::test_q": 7.0}
 
 
 def test_malformed_durations_file_is_named(tmp_path):

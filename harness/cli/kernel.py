@@ -52,7 +52,8 @@ def add_run_options(p: argparse.ArgumentParser, kernel_required: bool = True) ->
                    help="guest vCPUs (default: 1 under TCG, whose vCPUs share one thread; 2 under KVM)")
     p.add_argument("--force", action="store_true",
                    help="run settings known to be unreliable (more than one vCPU under TCG) instead of refusing")
-    p.add_argument("--mem", default="2G", help="guest memory (default %(default)s)")
+    p.add_argument("--mem", default=runner.DEFAULT_MEM,
+                   help="guest memory; QEMU touches only what the guest uses (default %(default)s)")
     p.add_argument("--boot-timeout", type=float, default=60.0,
                    help="seconds for the kernel to reach /init (default %(default)s)")
     p.add_argument("--timeout", type=float, default=900.0,
@@ -76,6 +77,10 @@ def add_run_options(p: argparse.ArgumentParser, kernel_required: bool = True) ->
                         f"{runner.MAX_AUTO_SHARDS} (as many as MemAvailable holds) under TCG, 1 under KVM "
                         "(default %(default)s)")
     p.add_argument("--append", default="", help="extra kernel command line (e.g. oops=panic)")
+    p.add_argument("--hugetlb-cma", default="auto", metavar="SIZE|auto|off",
+                   help="the guest kernel's hugetlb_cma=, the area its 1 GiB hugetlb pages come from at run time "
+                        f"(auto: up to {runner.MAX_HUGETLB_CMA_GIB}G, --mem minus 3G, when the kernel's config has "
+                        "CONFIG_CMA and CONFIG_HUGETLB_PAGE; without it the 1 GiB cases skip)")
     p.add_argument("--qemu", default=runner.QEMU, help="QEMU binary (default %(default)s)")
 
 
@@ -106,7 +111,7 @@ def run_config(args: argparse.Namespace, kernel: Path, modules: Path | None, res
                             mem=args.mem, boot_timeout=args.boot_timeout, timeout=args.timeout,
                             boot_failure=_CODES[args.boot_failure], crash=_CODES[args.crash], accel=args.accel,
                             machine=args.machine, append=args.append, qemu=args.qemu, outdir=outdir,
-                            force=args.force, pmem=args.pmem, shards=args.shards)
+                            force=args.force, pmem=args.pmem, shards=args.shards, hugetlb_cma=args.hugetlb_cma)
 
 
 def resolve_kernel(spec: str, modules: Path | None = None, log=print) -> tuple[Path, Path | None]:

@@ -41,6 +41,7 @@ from harness.unsupported import Unsupported
 
 PAGE_2M = 2 << 20
 PAGE_1G = 1 << 30
+GIGANTIC_RETRY = 2.0  # seconds a 1 GiB reservation keeps trying before it reports the shortfall
 DEFAULT_LEDGER = LEDGER
 
 
@@ -108,14 +109,20 @@ class HugepagePool:
         why = self.unavailable_reason(page_size)
         if why:
             raise HugepagesUnavailable(why)
-        deadline = time.monotonic() + wait
+        now = time.monotonic()
+        deadline = now + wait
+        # A 1 GiB page comes from a contiguous range the kernel must empty first (the runner's guests
+        # take it from a CMA area): a page the previous case freed a moment ago, or a page of the
+        # range briefly pinned, fails one attempt and not the next.
+        gigantic = now + (GIGANTIC_RETRY if page_size >= PAGE_1G else 0.0)
         while True:
             try:
                 self._reserve_once(page_size, count)
                 return
             except HugepagesUnavailable as e:
                 # others held pages during the attempt: they may have released since, try again
-                if not getattr(e, "others", 0) or time.monotonic() >= deadline:
+                now = time.monotonic()
+                if not (getattr(e, "others", 0) and now < deadline) and now >= gigantic:
                     raise
             time.sleep(0.05)
 

@@ -84,15 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     # Several runs of the same cases: each case's median, so one run's outlier (a TCG guest's
     # khugepaged stall made a 0.8 s race take 26 s once) does not steer the split. Shards' files hold
     # disjoint cases and just add up.
+    # A skip's time is not the case's: where a case ran in some runs, only those count.
     runs: dict[str, list[float]] = {}
+    skips: dict[str, list[float]] = {}
     for p in args.junit:
         try:
             for k, c in from_junit(p).items():
-                runs.setdefault(k, []).append(c.seconds)
+                (skips if c.outcome == "skip" else runs).setdefault(k, []).append(c.seconds)
         except (OSError, ValueError) as e:  # ET.ParseError is a ValueError
             print(f"durations: {p}: {e}", file=sys.stderr)
             return 2
-    measured = {k: statistics.median(v) for k, v in runs.items()}
+    measured = {k: statistics.median(runs.get(k) or v) for k, v in (skips | runs).items()}
     d = from_seconds(measured, args.source or ", ".join(map(str, args.junit)))
     args.output.write_text(dumps(d))
     print(f"durations: {len(measured)} cases, {sum(measured.values()):.0f} s; {len(d.seconds)} at or above "

@@ -59,6 +59,11 @@ PMEM_ENV = "KVM_HARNESS_PMEM"  # set in the guest when the runner gave it pmem: 
 DEFAULT_PMEM = "256M"  # each of the two pmem devices --pmem auto gives a kernel with the drivers
 PMEM_DEVICES = 2  # one stays fsdax (/dev/pmem0, ext4 -o dax), the guest turns the other into devdax
 MAX_AUTO_SHARDS = 4  # --shards auto: at most this many guests (each one host core and --mem of RAM)
+# Guest RAM: QEMU touches only what the guest uses. 6G leaves room above 4 GiB (q35 maps 2G below and
+# the rest above) for a CMA area of 3 GiB, from which the guest allocates 1 GiB hugetlb pages at run
+# time: without one a 2 GiB guest never finds a free, aligned 1 GiB range and the 1 GiB cases skip.
+DEFAULT_MEM = "6G"
+MAX_HUGETLB_CMA_GIB = 3  # the cases hold at most two 1 GiB pages at once; one more range to spare
 # harness/pytest/shard.py's line: what a shard got (0 of M > 0: fewer cases than shards, not a bad selection)
 _SHARD_LINE = re.compile(r"shard (\d+)/(\d+): runs (\d+) of (\d+) collected cases")
 _RESULT_OPTS = {"--junitxml": "junit", "--junit-xml": "junit", "--ktap": "ktap"}  # files merged after shards
@@ -70,7 +75,7 @@ class RunConfig:
     pytest_args: list[str]
     modules: Path | None = None
     cpus: int | None = None  # None: 1 under TCG (see default_cpus), 2 under KVM
-    mem: str = "2G"
+    mem: str = DEFAULT_MEM
     boot_timeout: float = 60.0
     timeout: float = 900.0
     boot_failure: int = SKIP  # the code for a kernel that does not reach /init (--boot-failure)
@@ -79,6 +84,7 @@ class RunConfig:
     machine: str = "auto"  # auto | microvm | q35
     pmem: str = "auto"  # auto | off | SIZE: two pmem devices of SIZE each (see choose_pmem)
     append: str = ""
+    hugetlb_cma: str = "auto"  # auto | off | SIZE: hugetlb_cma= for 1 GiB pages (see choose_hugetlb_cma)
     outdir: Path | None = None  # a host folder the guest may write (mounted read-write at the same path)
     force: bool = False  # run settings known to be unreliable (more than one vCPU under TCG) anyway
     shards: int = 1  # guests side by side, each running every N-th case (--shard I/N); 0: auto (auto_shards)
@@ -479,6 +485,28 @@ def host_phys_bits() -> int | None:
     return int(m.group(1)) if m else None
 
 
+def choose_hugetlb_cma(requested: str, mem: str, config: dict[str, str], append: str) -> tuple[str | None, str]:
+    """(the kernel's hugetlb_cma= value or None, why). auto: up to MAX_HUGETLB_CMA_GIB whole GiB, at
+    most --mem minus 3 GiB (q35 maps 2 GiB below 4 GiB; the area must fit in the RAM above, with room
+    to spare), when the kernel's config has CMA and hugetlb pages."""
+    if "hugetlb_cma=" in append:
+        return None, "hugetlb_cma= given in --append"
+    if requested == "off":
+        return None, "--hugetlb-cma off"
+    if requested != "auto":
+        if not _MEM.match(requested) or _mib(requested) % 1024:
+            raise ValueError(f"--hugetlb-cma {requested}: auto, off, or whole GiB like 2G")
+        return requested, "--hugetlb-cma"
+    if not config:
+        return None, "the kernel's config is unknown: no hugetlb CMA unless --hugetlb-cma SIZE"
+    if not (_on(config, "CONFIG_CMA") and _on(config, "CONFIG_HUGETLB_PAGE")):
+        return None, "the kernel's config lacks CONFIG_CMA or CONFIG_HUGETLB_PAGE"
+    gib = min(MAX_HUGETLB_CMA_GIB, _mib(mem) // 1024 - 3)
+    if gib < 1:
+        return None, f"--mem {mem} leaves no room for it (4G or more does): 1 GiB hugetlb cases skip"
+    return f"{gib}G", "1 GiB hugetlb pages at run time"
+
+
 def kernel_cmdline(accel: str, append: str, tsc_khz: int | None) -> str:
     # panic=-1, reboot=t: a panic or our reboot resets the guest, and -no-reboot ends QEMU
     parts = ["console=ttyS0 panic=-1 reboot=t loglevel=4"]
@@ -611,6 +639,8 @@ class _Prepared:
     config: dict[str, str]
     pmem_kind: str | None
     pmem_why: str
+    cma: str | None
+    cma_why: str
     cpus: int
     cmdline: str
     phys_bits: int | None
@@ -642,6 +672,8 @@ def _prepare(cfg: RunConfig, out: TextIO, tmp: Path, mods_dir: Path | None, busy
     env.pop(PMEM_ENV, None)
     config = kernel_config(cfg.kernel)
     pmem_kind, pmem_why = choose_pmem(cfg.pmem, config, cfg.machine)
+    cma, cma_why = choose_hugetlb_cma(cfg.hugetlb_cma, cfg.mem, config, cfg.append)
+    append = " ".join(p for p in (f"hugetlb_cma={cma}" if cma else "", cfg.append) if p)
     if cfg.outdir is not None:
         cfg.outdir.mkdir(parents=True, exist_ok=True)
     cpus = cfg.cpus or default_cpus(accel)
@@ -650,8 +682,8 @@ def _prepare(cfg: RunConfig, out: TextIO, tmp: Path, mods_dir: Path | None, busy
         return RunResult(SKIP, "setup", f"refused: {why_not} (--force runs it anyway)")
     if why_not:
         _say(out, f"warning: {why_not}; running anyway (--force)")
-    return _Prepared(img, modules, mods_dir, busybox, env, accel, why, config, pmem_kind, pmem_why, cpus,
-                     kernel_cmdline(accel, cfg.append, host_tsc_khz()), host_phys_bits())
+    return _Prepared(img, modules, mods_dir, busybox, env, accel, why, config, pmem_kind, pmem_why, cma, cma_why,
+                     cpus, kernel_cmdline(accel, append, host_tsc_khz()), host_phys_bits())
 
 
 def _make_guest(cfg: RunConfig, prep: _Prepared, gdir: Path, pytest_args: list[str]) -> _Guest:
@@ -679,7 +711,8 @@ def _say_guest(cfg: RunConfig, prep: _Prepared, g: _Guest, out: TextIO, shards: 
               f"| intel: {' '.join(g.loads['intel']) or '-'}")
     each = f"{shards} guests side by side, each: " if shards > 1 else ""
     _say(out, f"accel {prep.accel} ({prep.accel_why}), {each}machine {g.machine}, {prep.cpus} cpus, {cfg.mem}, "
-              f"pmem {g.pmem.describe() if g.pmem else 'none'} ({prep.pmem_why}); "
+              f"pmem {g.pmem.describe() if g.pmem else 'none'} ({prep.pmem_why}), "
+              f"hugetlb CMA {prep.cma or 'none'} ({prep.cma_why}); "
               f"boot timeout {cfg.boot_timeout:g} s, overall {cfg.timeout:g} s")
 
 
