@@ -56,10 +56,10 @@ def _short_waits(monkeypatch):
     monkeypatch.setattr(clock, "ENTRY_WAIT", 0.3)
 
 
-def _once(mem: FakeMem, exits) -> SimpleNamespace:
+def _once(mem: FakeMem, exits, nvcpus: int = 1) -> SimpleNamespace:
     vm, rep = FakeVm(), _report()
     mem.vm = vm
-    clock.ClockSetter(vm, mem, rep, 1, lambda: False, exits).once()  # type: ignore[arg-type]
+    clock.ClockSetter(vm, mem, rep, nvcpus, lambda: False, exits).once()  # type: ignore[arg-type]
     assert rep.clock_sets == 1
     return rep
 
@@ -75,6 +75,12 @@ def test_lost_update_of_a_vcpu_that_entered_its_guest_is_a_miss_with_the_evidenc
 def test_a_vcpu_that_never_entered_its_guest_is_no_evidence():
     rep = _once(FakeMem(), lambda i: 100)  # exits stand still: the vCPU never re-entered
     assert rep.clock_misses == [] and rep.clock_not_entered == 1
+
+
+def test_a_starved_vcpu_does_not_hide_the_others_loss():
+    n = itertools.count(100)
+    rep = _once(FakeMem(), lambda i: next(n) if i == 0 else 100, nvcpus=2)  # vCPU 1 never re-enters
+    assert [m.vcpu for m in rep.clock_misses] == [0] and rep.clock_not_entered == 1
 
 
 def test_an_update_that_shows_once_the_vcpu_entered_is_seen_not_lost():

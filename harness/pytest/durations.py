@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     from harness.matrix.cells import from_junit  # the same case ids as the matrix
 
     # Several runs of the same cases: each case's median, so one run's outlier (a TCG guest's
-    # khugepaged stall made a 0.8 s race take 26 s once) does not steer the split. Shards' files hold
-    # disjoint cases and just add up.
-    # A skip's time is not the case's: where a case ran in some runs, only those count.
+    # khugepaged stall made a 0.8 s race take 26 s once) does not steer the split; a skip's time is
+    # not the case's, so where a case ran in some runs only those count. Shards' files hold disjoint
+    # cases and just add up.
     runs: dict[str, list[float]] = {}
     skips: dict[str, list[float]] = {}
     for p in args.junit:

@@ -44,7 +44,7 @@ class RaceReport:
     clock_sets: int = 0
     clock_seen: int = 0  # updates seen in the host mapping
     clock_inconclusive: int = 0  # a host op touched the page before the update showed
-    clock_not_entered: int = 0  # a vCPU never entered its guest within clock.ENTRY_WAIT of the set
+    clock_not_entered: int = 0  # vCPUs (per set) that never entered their guest within the entry wait
     clock_misses: list[P.ClockMiss] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
     stats_note: str = ""
@@ -159,8 +159,8 @@ class RaceReport:
         if self.clock_sets:
             lines.append(f"  kvmclock: {self.clock_sets} KVM_SET_CLOCKs, {self.clock_seen} updates seen in the "
                          f"host mapping, {self.clock_inconclusive} overtaken by a host op on that page, "
-                         f"{self.clock_not_entered} with a vCPU that did not enter its guest within "
-                         f"{P.CLOCK_ENTRY_WAIT:g} s, {len(self.clock_misses)} lost")
+                         f"{self.clock_not_entered} unjudged (the vCPU did not enter its guest within "
+                         f"{P.CLOCK_ENTRY_WAIT:g} s), {len(self.clock_misses)} lost")
         lines += self.extra_lines
         if self.release is not None:
             notes = self.release.facts["notes"]
