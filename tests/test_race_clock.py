@@ -53,7 +53,7 @@ def _report() -> SimpleNamespace:
 @pytest.fixture(autouse=True)
 def _short_waits(monkeypatch):
     monkeypatch.setattr(clock, "CLOCK_WAIT", 0.05)
-    monkeypatch.setattr(clock, "ENTRY_WAIT", 0.3)
+    monkeypatch.setattr(P, "CLOCK_ENTRY_WAIT", 0.3)
 
 
 def _once(mem: FakeMem, exits, nvcpus: int = 1) -> SimpleNamespace:

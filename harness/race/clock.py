@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 CLOCK_STEP = 1_000_000_000  # each KVM_SET_CLOCK jumps 1 s ahead: an old update never looks new
 CLOCK_WAIT = 0.5  # seconds for an update to show before it is a miss
-ENTRY_WAIT = P.CLOCK_ENTRY_WAIT
 CLOCK_DISRUPTORS = {"punch", "dontneed", "partial-thp", "pageout", "cold"}  # keep the page mapped
 
 
@@ -90,7 +89,7 @@ class ClockSetter:
             waited = time.monotonic() - t0
             if waited > CLOCK_WAIT:
                 entered = {i: self._entries_since(i, exits0) for i in pending}
-                if waited <= ENTRY_WAIT and any(n == 0 for n in entered.values()):
+                if waited <= P.CLOCK_ENTRY_WAIT and any(n == 0 for n in entered.values()):
                     time.sleep(0.001)  # a vCPU has not entered its guest since the set: KVM had no chance yet
                     continue
                 for i in sorted(pending):
